@@ -1,0 +1,34 @@
+# Open Model Pipeline — the two commands a newcomer needs are `make repro` and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RECIPE ?= recipes/tiny.yaml
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup repro test test-fast bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned (a CPU wheel); then the project, editable, with its dev extras.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+repro: $(STAMP)
+	$(BIN)/dvc repro
+
+test: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not e2e"
+
+bench: $(STAMP)
+	$(BIN)/python bench/blend.py
+	$(BIN)/python bench/tokenize_throughput.py
+
+clean:
+	rm -rf artifacts
