@@ -136,6 +136,46 @@ class BlendCfg(Strict):
     seed: int | None = None  # defaults to the recipe seed
 
 
+# --- low-communication training (pretrain.distributed): shared by the trainer and pipeline/lowcomm
+
+
+class OuterCompressionCfg(Strict):
+    kind: Literal["none", "fp16", "int8", "int4"] = "none"
+    block_size: PosInt = 64          # elements per quantization block (one scale each)
+    topk_fraction: Annotated[float, Field(gt=0, le=1)] | None = None  # keep this fraction of entries
+    error_feedback: bool = True      # add the residual to the next pseudo-gradient
+
+
+class DiLoCoCfg(Strict):
+    inner_steps: PosInt = 50         # H: inner AdamW steps between outer syncs
+    outer_lr: Annotated[float, Field(gt=0)] = 0.7          # Douillard et al. 2023 defaults
+    outer_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    nesterov: bool = True
+    warmup_sync_steps: NonNegInt = 0  # synchronous (ddp) steps before the first inner phase
+    fragments: PosInt = 1            # streaming DiLoCo: sync 1/F of the parameters at a time
+    compression: OuterCompressionCfg = OuterCompressionCfg()
+
+
+class DeMoCfg(Strict):
+    chunk_size: PosInt = 64          # DCT chunk length (elements)
+    topk: PosInt = 8                 # components exchanged per chunk
+    momentum_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    sign: bool = True                # apply sign of the decoded update (as in the paper)
+
+
+class DistributedCfg(Strict):
+    mode: Literal["ddp", "diloco", "demo"] = "ddp"
+    world_size: PosInt = 1           # 1 runs in-process; >1 launches torchrun (or deepspeed)
+    engine: Literal["torchrun", "deepspeed"] = "torchrun"
+    zero_stage: Annotated[int, Field(ge=0, le=3)] = 2   # with engine: deepspeed
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    diloco: DiLoCoCfg = DiLoCoCfg()
+    demo: DeMoCfg = DeMoCfg()
+
+
+# --- sections added by later stages go above this line; their fields go in Recipe below
+
+
 class Recipe(Strict):
     name: str
     seed: int = 1234

@@ -1,0 +1,73 @@
+"""Every collective of training goes through here, so the bytes each worker sends are counted.
+
+Convention (documented in the README): the bytes a worker *sends* for a collective are the payload
+it contributes — `numel × element_size` of the (packed) tensor it puts in:
+  - all_reduce: the whole tensor (what a worker hands to the collective, whatever the algorithm);
+  - all_gather: the worker's own tensor;
+  - broadcast: the tensor on the source rank, 0 elsewhere.
+This is the algorithm-independent count used in the DiLoCo/DeMo papers' comparisons; a ring
+all-reduce moves about 2×(W−1)/W of it on the wire. Compressed payloads are counted packed
+(e.g. int4 = numel/2 bytes) plus their scales.
+
+With world size 1 (no process group) the collectives are identities and still count bytes, so a
+single-process run reports what one worker would send.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+
+class Comm:
+    def __init__(self, group=None):
+        self.group = group
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.world_size = dist.get_world_size(group) if self.distributed else 1
+        self.bytes_sent = 0
+        self.calls = 0
+        self.by_kind: dict[str, int] = defaultdict(int)
+
+    def _count(self, kind: str, nbytes: int) -> None:
+        self.bytes_sent += nbytes
+        self.by_kind[kind] += nbytes
+        self.calls += 1
+
+    @staticmethod
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum", tag: str = "all_reduce") -> torch.Tensor:
+        """In place. op: 'sum' or 'avg' (avg = sum / world_size, done here so gloo supports it)."""
+        self._count(tag, self.nbytes(t))
+        if self.distributed and self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        if op == "avg" and self.world_size > 1:
+            t.div_(self.world_size)
+        return t
+
+    def all_gather(self, t: torch.Tensor, tag: str = "all_gather") -> list[torch.Tensor]:
+        """Every worker's `t` (same shape and dtype on all workers), in rank order."""
+        self._count(tag, self.nbytes(t))
+        if not (self.distributed and self.world_size > 1):
+            return [t.clone()]
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t.contiguous(), group=self.group)
+        return out
+
+    def broadcast(self, t: torch.Tensor, src: int = 0, tag: str = "broadcast") -> torch.Tensor:
+        if self.rank == src:
+            self._count(tag, self.nbytes(t))
+        if self.distributed and self.world_size > 1:
+            dist.broadcast(t, src=src, group=self.group)
+        return t
+
+    def barrier(self) -> None:
+        if self.distributed and self.world_size > 1:
+            dist.barrier(group=self.group)
+
+    def stats(self) -> dict:
+        return {"bytes_sent": self.bytes_sent, "calls": self.calls, "by_kind": dict(self.by_kind)}
