@@ -1,0 +1,53 @@
+"""End to end: DVC runs the data stages of the tiny recipe in a temporary copy of the repo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.io import read_json, sha256_file
+from tests.conftest import REPO
+
+
+def copy_repo(dest: Path) -> Path:
+    """The repo's tracked and untracked-but-not-ignored files (what a clone would have, plus edits)."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                           cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        src = REPO / f
+        if src.is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    return dest
+
+
+@pytest.mark.e2e
+def test_dvc_repro_blend_on_tiny(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run([os.path.join(bindir, "dvc"), "repro", "blend"], cwd=repo, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"ingest", "tokenizer", "tokenize", "blend"}
+    assert lock["blend"]["params"]["recipes/tiny.yaml"]["blend"]["seq_len"] == 256
+    meta = read_json(repo / "artifacts/blend/blend.json")
+    assert meta["indices_sha256"] == sha256_file(repo / "artifacts/blend/indices.npy")
+    assert all(abs(s["realized_share"] - s["target_share"]) <= 0.01 for s in meta["sources"])
+    assert np.load(repo / "artifacts/blend/indices.npy").shape == (meta["instances"], 2)
+    # a second repro is a no-op: every stage is up to date
+    again = subprocess.run([os.path.join(bindir, "dvc"), "repro", "blend"], cwd=repo, env=env,
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and "Running stage" not in again.stdout
+    status = subprocess.run([os.path.join(bindir, "dvc"), "status", "blend"], cwd=repo, env=env,
+                            capture_output=True, text=True)
+    assert "up to date" in status.stdout.lower() or status.stdout.strip() == "", status.stdout
