@@ -45,3 +45,71 @@ def provenance(stage: str, recipe: Recipe, inputs: dict[str, str] | None = None,
         "python": platform.python_version(),
         **extra,
     }
+
+
+def _file_entry(path: Path) -> dict:
+    from pipeline.io import sha256_file
+
+    return {"path": path.as_posix(), "sha256": sha256_file(path), "text": path.read_text(encoding="utf-8")}
+
+
+def dvc_lock_stages(path: Path = Path("dvc.lock")) -> dict:
+    """Stage → {cmd, deps, params, outs} with their hashes, from dvc.lock (empty if not run by DVC)."""
+    import yaml
+
+    if not path.is_file():
+        return {}
+    return (yaml.safe_load(path.read_text()) or {}).get("stages", {})
+
+
+def chain_lineage(recipe: Recipe, artifacts: Path = Path("artifacts")) -> dict:
+    """The whole experiment chain of a run: code, recipe, data manifests and locks (text + sha256),
+    dvc.lock stage hashes, the published order's hashes and every checkpoint's sha256 and parent.
+
+    Holds no environment, host name or token: it is published as is.
+    """
+    from pipeline.ingest import lock_path
+    from pipeline.io import read_json, sha256_file
+
+    manifest = Path(recipe.data.manifest)
+    manifests = [_file_entry(manifest)]
+    if lock_path(manifest).is_file():
+        manifests.append(_file_entry(lock_path(manifest)))
+    blend = read_json(artifacts / "blend" / "blend.json")
+    checkpoints = []
+    pre = artifacts / "pretrain" / "final" / "model.safetensors"
+    pre_sha = sha256_file(pre) if pre.is_file() else None
+    if pre_sha:
+        pre_lin = artifacts / "pretrain" / "final" / "lineage.json"
+        parent = read_json(pre_lin).get("parent_checkpoint") if pre_lin.is_file() else None
+        checkpoints.append({"stage": "pretrain", "name": "pretrain", "sha256": pre_sha, "parent": parent})
+    post = artifacts / "posttrain" / "final" / "model.safetensors"
+    post_sha = sha256_file(post) if post.is_file() else None
+    if post_sha:
+        checkpoints.append({"stage": "posttrain", "name": "posttrain", "sha256": post_sha, "parent": pre_sha})
+    qreport = artifacts / "quantize" / "report.json"
+    if qreport.is_file():
+        for v in read_json(qreport).get("variants", []):
+            p = artifacts / "quantize" / v.get("path", v["name"])
+            files = sorted(p.glob("*.safetensors")) if p.is_dir() else ([p] if p.is_file() else [])
+            if files:
+                checkpoints.append({"stage": "quantize", "name": v["name"], "format": v.get("format"),
+                                    "sha256": sha256_file(files[0]), "file": files[0].name,
+                                    "parent": post_sha or pre_sha})
+    import torch
+
+    return {
+        "format": 1,
+        "name": recipe.release.name or recipe.name,
+        "code": {"omp_version": pipeline.__version__, **git_commit()},
+        "recipe": recipe_dict(recipe),
+        "recipe_file": recipe_path(recipe),
+        "recipe_sha256": recipe_sha256(recipe),
+        "manifests": manifests,
+        "dvc_lock": dvc_lock_stages(),
+        "data": {"indices_sha256": blend["indices_sha256"], "blend_json_sha256": sha256_file(artifacts / "blend" / "blend.json"),
+                 "token_files": blend["token_files"], "tokenizer_sha256": blend["tokenizer_sha256"],
+                 "seed": blend["seed"], "steps": blend["steps"]},
+        "checkpoints": checkpoints,
+        "platform": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
+    }
