@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from pipeline.errors import PipelineError
 
@@ -40,6 +41,56 @@ def cmd_blend(args):
 
     report = blend.run(_recipe(args))
     print(blend.mixture_table(report))
+
+
+def cmd_pretrain(args):
+    from pipeline import pretrain
+
+    m = pretrain.run(_recipe(args), resume=args.resume)
+    print(f"held-out loss {m['val_loss_initial']:.3f} -> {m['val_loss_final']:.3f}; "
+          f"{m['tokens']:,} tokens at {m['tokens_per_s'] or 0:,.0f} tokens/s")
+
+
+def cmd_posttrain(args):
+    from pipeline import posttrain
+
+    m = posttrain.run(_recipe(args))
+    print(f"arithmetic exact match (held-out): before {m['arith_em_before']:.3f} -> after {m['arith_em_after']:.3f}")
+
+
+def cmd_quantize(args):
+    from pipeline import quantize
+
+    print(quantize.report_markdown(quantize.run(_recipe(args))))
+
+
+def cmd_evaluate(args):
+    from pipeline import evaluate
+
+    evaluate.run(_recipe(args))
+
+
+def cmd_leaderboard(args):
+    from pathlib import Path
+
+    from pipeline import leaderboard
+
+    if args.experiments:
+        results = leaderboard.gather_experiments(Path("."))
+    elif args.dirs:
+        results = leaderboard.gather_dirs([(Path(d).name if ":" not in d else d.split(":", 1)[0],
+                                            Path(d.split(":", 1)[-1])) for d in args.dirs])
+    else:
+        results = leaderboard.load_results(Path(args.evaluate_dir) / "results")
+    if not results:
+        raise PipelineError("no evaluate results found")
+    baseline = args.baseline or ("HEAD/pretrain" if args.experiments else "pretrain")
+    print(leaderboard.markdown(results, baseline=baseline))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        leaderboard.write(out, results, None, None, baseline=baseline)
+        print(f"wrote {out}/leaderboard.md, .html, .png")
 
 
 def cmd_blend_report(args):
@@ -79,6 +130,26 @@ def cmd_batch(args):
         print(f"[{r}] {order.names[sid]} @ {off}: " + (repr(texts[r]) if args.decode else " ".join(map(str, row.tolist()))))
 
 
+def cmd_release(args):
+    from pipeline import release
+
+    release.run(_recipe(args))
+
+
+def cmd_publish(args):
+    from pipeline import publish
+
+    publish.run(args.release_dir, args.repo_id, private=args.private)
+
+
+def cmd_recreate(args):
+    from pipeline import recreate
+
+    code = recreate.run(args.target, until=args.until, workdir=args.workdir, tolerance=args.tolerance)
+    if code:
+        raise SystemExit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omp", description="Open Model Pipeline")
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,6 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     stage("tokenizer", cmd_tokenizer, "train the byte-level BPE tokenizer (artifacts/tokenizer/)")
     stage("tokenize", cmd_tokenize, "tokenize every source into token files (artifacts/tokenize/)")
     stage("blend", cmd_blend, "write the published data order (artifacts/blend/indices.npy)")
+    sp = stage("pretrain", cmd_pretrain, "train the Llama model on the published order (artifacts/pretrain/)")
+    sp.add_argument("--resume", default="none", metavar="none|latest|latest-valid|DIR",
+                    help="continue from a checkpoint under artifacts/pretrain/checkpoints (default: start fresh)")
+    stage("posttrain", cmd_posttrain, "SFT (+ DPO) from the pretrained model (artifacts/posttrain/)")
+    stage("quantize", cmd_quantize, "int8/int4 variants, GGUF files and the perplexity report (artifacts/quantize/)")
+
+    stage("evaluate", cmd_evaluate, "lm-eval on every model variant, leaderboard (artifacts/evaluate/)")
+
+    sp = sub.add_parser("leaderboard", help="variants x tasks table from evaluate results, across experiments")
+    sp.add_argument("--evaluate-dir", default="artifacts/evaluate")
+    sp.add_argument("--dirs", nargs="+", metavar="[LABEL:]DIR", help="several evaluate output dirs side by side")
+    sp.add_argument("--experiments", action="store_true", help="gather every DVC experiment's evaluate metrics")
+    sp.add_argument("--baseline", help="variant the deltas are taken against (default pretrain, "
+                                       "with --experiments HEAD/pretrain)")
+    sp.add_argument("--out", help="also write leaderboard.md/.html/.png into this directory")
+    sp.set_defaults(fn=cmd_leaderboard)
 
     sp = sub.add_parser("batch", help="print global batch N of training from the published files")
     sp.add_argument("--step", type=int, required=True)
@@ -104,6 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tokenize-dir", default="artifacts/tokenize")
     sp.add_argument("--tokenizer-dir", default="artifacts/tokenizer")
     sp.set_defaults(fn=cmd_batch)
+
+    stage("release", cmd_release, "assemble the Hugging Face release (artifacts/release/<name>/)")
+    sp = sub.add_parser("publish", help="upload a release to the Hugging Face Hub (dry run without token/network)")
+    sp.add_argument("release_dir", type=Path)
+    sp.add_argument("--repo-id", default=None, help="org/name (default: release.repo_id of the recipe)")
+    sp.add_argument("--private", action="store_true")
+    sp.set_defaults(fn=cmd_publish)
+    sp = sub.add_parser("recreate", help="rebuild a release's chain from its lineage and compare every tensor")
+    sp.add_argument("target", type=Path, help="release directory or its lineage.json")
+    sp.add_argument("--until", choices=["pretrain", "posttrain", "quantize"], default=None)
+    sp.add_argument("--workdir", type=Path, default=None, help="where to rebuild (default: a new temp dir)")
+    sp.add_argument("--tolerance", type=float, default=0.0, help="max abs diff accepted (0: bitwise)")
+    sp.set_defaults(fn=cmd_recreate)
 
     sp = sub.add_parser("blend-report", help="print the mixture table (target vs realized, epochs)")
     sp.add_argument("--blend-dir", default="artifacts/blend")

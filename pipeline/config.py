@@ -153,6 +153,8 @@ class DiLoCoCfg(Strict):
     nesterov: bool = True
     warmup_sync_steps: NonNegInt = 0  # synchronous (ddp) steps before the first inner phase
     fragments: PosInt = 1            # streaming DiLoCo: sync 1/F of the parameters at a time
+    # inner optimizer: the recipe's AdamW, or plain SGD at its lr (the DiLoCo == DDP sanity anchor)
+    inner_optimizer: Literal["default", "sgd"] = "default"
     compression: OuterCompressionCfg = OuterCompressionCfg()
 
 
@@ -173,6 +175,148 @@ class DistributedCfg(Strict):
     demo: DeMoCfg = DeMoCfg()
 
 
+# --- post-training (pipeline/posttrain.py)
+
+
+class SFTSourceCfg(Strict):
+    """One SFT data source. `builtin` builds chat pairs from an ingested source of the data
+    manifest; `local` / `hf` read conversations in the messages format ([{role, content}, ...])."""
+    kind: Literal["builtin", "local", "hf"]
+    builtin: Literal["arithmetic-qa", "python-docs-qa"] | None = None
+    paths: list[str] = []              # kind local: jsonl/json files (relative to the repo root)
+    repo_id: str | None = None         # kind hf: pinned hub dataset
+    revision: str | None = None
+    split: str = "train"
+    messages_field: str = "messages"
+    max_examples: PosInt | None = None
+
+    @model_validator(mode="after")
+    def _kind_fields(self):
+        if self.kind == "builtin" and self.builtin is None:
+            raise ValueError("kind builtin needs `builtin: arithmetic-qa | python-docs-qa`")
+        if self.kind == "local" and not self.paths:
+            raise ValueError("kind local needs `paths`")
+        if self.kind == "hf" and not (self.repo_id and self.revision):
+            raise ValueError("kind hf needs `repo_id` and `revision` (hub data is pinned)")
+        return self
+
+
+class DPOCfg(Strict):
+    enabled: bool = True
+    steps: PosInt = 60
+    batch_size: PosInt = 16
+    lr: Annotated[float, Field(gt=0)] = 5e-5
+    beta: Annotated[float, Field(gt=0)] = 0.1
+    pairs: PosInt = 2000              # correct vs incorrect arithmetic answers (training split only)
+
+
+class PosttrainCfg(Strict):
+    sft: list[SFTSourceCfg] = [SFTSourceCfg(kind="builtin", builtin="arithmetic-qa", max_examples=4000),
+                               SFTSourceCfg(kind="builtin", builtin="python-docs-qa", max_examples=1000)]
+    steps: PosInt = 300
+    batch_size: PosInt = 16
+    lr: Annotated[float, Field(gt=0)] = 3e-4
+    warmup_steps: NonNegInt = 20
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_len_tokens: PosInt = 192      # longer conversations are cut (the loss mask is cut with them)
+    answer_max_chars: PosInt = 400    # python-docs-qa: first paragraph cut to this many characters
+    dpo: DPOCfg = DPOCfg()
+    eval_problems: PosInt = 200       # held-out arithmetic problems for arith_em_before / _after
+    seed: int | None = None           # defaults to the recipe seed
+
+
+# --- quantization (pipeline/quantize/)
+
+
+class QuantizeCfg(Strict):
+    group_size: PosInt = 32           # int4: one scale per this many input columns
+    methods: list[Literal["int8-rtn", "int4-rtn", "int4-gptq"]] = ["int8-rtn", "int4-rtn", "int4-gptq"]
+    calib_windows: PosInt = 32        # GPTQ calibration windows of seq_len tokens (held-out split)
+    eval_windows: PosInt = 64         # perplexity windows of seq_len tokens (held-out split, disjoint)
+    seq_len: PosInt | None = None     # defaults to blend.seq_len
+    gptq_damp: Annotated[float, Field(gt=0, lt=1)] = 0.01
+    gguf: list[Literal["F16", "Q8_0", "Q4_0"]] = ["F16", "Q8_0", "Q4_0"]
+
+
+# --- evaluation (pipeline/evaluate/)
+
+
+class EvaluateCfg(Strict):
+    """lm-eval on every model variant of the chain; tasks are lm-eval task or tag names."""
+    tasks: list[str] = ["omp_ppl_python_docs", "omp_ppl_python_code", "omp_ppl_arithmetic", "omp_arith_mc",
+                        "omp_code_mc", "omp_arith_gen"]   # our local tasks (evals/tasks/), offline
+    chat_tasks: list[str] = ["omp_arith_gen_chat"]        # with the chat template, post-trained variants only
+    standard_tasks: list[str] = []    # e.g. [hellaswag, arc_easy, leaderboard]: need the hub; skipped offline
+    include_path: str = "evals/tasks"
+    limit: PosInt | None = None       # items per task (None: all)
+    batch_size: PosInt = 16
+    variants: list[str] | None = None  # evaluate only these variant names (None: all found)
+    gguf_base_url: str | None = None  # a llama.cpp server for lm-eval's gguf model (serves one GGUF)
+    contamination_ngram: PosInt = 13  # n-gram length (tokens) for the overlap check against training
+    bootstrap_rounds: PosInt = 200    # Bradley-Terry 95% intervals
+
+
+# --- pretraining (pipeline/pretrain/, pipeline/model.py)
+
+
+class ModelCfg(Strict):
+    """A Llama-architecture decoder (transformers LlamaForCausalLM); vocab size comes from the tokenizer."""
+    layers: PosInt = 4
+    hidden_size: PosInt = 256
+    heads: PosInt = 4
+    kv_heads: PosInt = 2
+    intermediate_size: PosInt = 688
+    rope_theta: Annotated[float, Field(gt=0)] = 10000.0
+    tie_embeddings: bool = True
+    context_length: PosInt | None = None   # max positions; defaults to blend.seq_len
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads {self.heads} is not divisible by kv_heads {self.kv_heads}")
+        return self
+
+
+class PretrainCfg(Strict):
+    model: ModelCfg = ModelCfg()
+    lr: Annotated[float, Field(gt=0)] = 3e-3
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1   # cosine decays to lr * this
+    warmup_steps: NonNegInt = 20
+    schedule: Literal["cosine", "wsd"] = "cosine"            # wsd: flat, then linear decay over decay_fraction
+    decay_fraction: Annotated[float, Field(gt=0, le=1)] = 0.2
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: Annotated[float, Field(gt=0)] = 1e-8
+    grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
+    grad_accum_steps: PosInt = 1           # micro-batches per worker per step
+    steps: PosInt | None = None            # train this many steps of the published order (None: all)
+    checkpoint_every_steps: PosInt = 50
+    keep_last: PosInt = 3
+    eval_every_steps: PosInt = 50
+    eval_tokens: PosInt = 16384            # held-out tokens per source per evaluation
+    log_every_steps: PosInt = 10
+    compile: bool = False                  # torch.compile the model
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
+    threads: PosInt | None = None          # torch threads per worker (None: cores // world_size)
+    distributed: DistributedCfg = DistributedCfg()
+
+
+# --- release (pipeline/release.py)
+
+
+class ReleaseCfg(Strict):
+    name: str | None = None           # release folder artifacts/release/<name>/ (default: recipe name)
+    variant: Literal["posttrain", "pretrain"] = "posttrain"   # the model at the top of the release
+    include_base: bool = True         # also ship the pretrained weights under base/ (for recreate --until pretrain)
+    include_quantized: bool = True    # quantized variants under quantized/<name>/
+    include_gguf: bool = True         # GGUF files under gguf/
+    license: str = "apache-2.0"
+    repo_id: str | None = None        # default hub repo for `omp publish`
+    tags: list[str] = []
+
+
 # --- sections added by later stages go above this line; their fields go in Recipe below
 
 
@@ -183,6 +327,11 @@ class Recipe(Strict):
     tokenizer: TokenizerCfg = TokenizerCfg()
     tokenize: TokenizeCfg = TokenizeCfg()
     blend: BlendCfg = BlendCfg()
+    pretrain: PretrainCfg = PretrainCfg()
+    posttrain: PosttrainCfg = PosttrainCfg()
+    quantize: QuantizeCfg = QuantizeCfg()
+    evaluate: EvaluateCfg = EvaluateCfg()
+    release: ReleaseCfg = ReleaseCfg()
 
     @property
     def blend_seed(self) -> int:

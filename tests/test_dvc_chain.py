@@ -51,3 +51,26 @@ def test_dvc_repro_blend_on_tiny(tmp_path):
     status = subprocess.run([os.path.join(bindir, "dvc"), "status", "blend"], cwd=repo, env=env,
                             capture_output=True, text=True)
     assert "up to date" in status.stdout.lower() or status.stdout.strip() == "", status.stdout
+
+
+@pytest.mark.e2e
+def test_dvc_push_pull_through_the_default_local_remote(tmp_path):
+    """The default remote is a local directory, so `dvc push` / `dvc pull` work offline."""
+    repo = copy_repo(tmp_path / "repo")
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"]}
+    dvc = os.path.join(bindir, "dvc")
+
+    def run(*args):
+        p = subprocess.run([dvc, *args], cwd=repo, env=env, capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        return p
+
+    run("repro", "ingest")
+    digest = sha256_file(repo / "artifacts/ingest/ingest.json")
+    run("push")
+    assert any((repo / ".dvcstore").rglob("*")), "push wrote nothing to the local remote"
+    shutil.rmtree(repo / "artifacts")
+    shutil.rmtree(repo / ".dvc/cache")
+    run("pull")
+    assert sha256_file(repo / "artifacts/ingest/ingest.json") == digest

@@ -78,3 +78,18 @@ class DDPStrategy(Strategy):
             n = g.numel()
             g.copy_(flat[i:i + n].view_as(g))
             i += n
+
+
+def make_strategy(dist_cfg, comm: Comm) -> Strategy:
+    """The strategy of `pretrain.distributed.mode`; the low-communication ones are imported lazily."""
+    if dist_cfg.mode == "ddp":
+        return DDPStrategy(comm, dist_cfg)
+    if dist_cfg.mode == "diloco":
+        from pipeline.lowcomm.diloco import DiLoCoStrategy
+
+        return DiLoCoStrategy(comm, dist_cfg)
+    if dist_cfg.mode == "demo":
+        from pipeline.lowcomm.demo import DeMoStrategy
+
+        return DeMoStrategy(comm, dist_cfg)
+    raise ValueError(f"pretrain.distributed.mode: unknown mode {dist_cfg.mode!r}")

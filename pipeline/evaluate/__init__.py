@@ -1,0 +1,243 @@
+"""evaluate: the real lm-evaluation-harness on every model variant of the chain.
+
+Variants are found on disk: `artifacts/pretrain/final` (pretrain), `artifacts/posttrain/final`
+(posttrain) and each entry of `artifacts/quantize/report.json` (HF directories; GGUF files go
+through lm-eval's `gguf` model, which needs a llama.cpp server, so they are skipped with a
+message unless `evaluate.gguf_base_url` is set).
+
+Output `artifacts/evaluate/`:
+  results/<variant>.json   lm-eval's results (versions, configs, n-samples) + `omp` (model sha256)
+  samples/<variant>.json   per-item scores from lm-eval's log_samples (higher is better), for the arena
+  contamination.json       items per task sharing an n-gram with the tokens training saw
+  arena.json               Bradley-Terry ratings with bootstrap 95% intervals
+  leaderboard.md / .html / .png, provenance.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Recipe
+from pipeline.errors import PipelineError, RecipeError
+from pipeline.io import atomic_dir, canonical_json, read_json, sha256_bytes, sha256_tree, write_json
+from pipeline.lineage import provenance
+
+OUT = Path("artifacts/evaluate")
+ARTIFACTS = Path("artifacts")
+BASELINE = "pretrain"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    path: Path
+    format: str = "hf"      # "hf" (a transformers directory) or "gguf" (one file)
+    chat: bool = False      # post-trained: also run the chat tasks with the chat template
+
+
+def discover_variants(artifacts: Path = ARTIFACTS) -> list[Variant]:
+    """Every model variant present under `artifacts`, baseline first."""
+    found = []
+    for name in ("pretrain", "posttrain"):
+        d = artifacts / name / "final"
+        if (d / "config.json").is_file():
+            found.append(Variant(name, d, "hf", chat=name == "posttrain"))
+    qdir = artifacts / "quantize"
+    report = qdir / "report.json"
+    if report.is_file():
+        for v in read_json(report).get("variants", []):
+            if "name" not in v or "path" not in v:
+                raise PipelineError(f"{report}: variant entry {v!r} lacks name or path")
+            path = qdir / v["path"]
+            fmt = "gguf" if str(v.get("format", "")).lower() == "gguf" or path.suffix == ".gguf" else "hf"
+            found.append(Variant(f"quant-{v['name']}", path, fmt, chat=True))
+    elif qdir.is_dir():  # no report yet: take what is there
+        for d in sorted(p for p in qdir.iterdir() if (p / "config.json").is_file()):
+            found.append(Variant(f"quant-{d.name}", d, "hf", chat=True))
+        for f in sorted(qdir.glob("gguf/*.gguf")):
+            found.append(Variant(f"quant-{f.stem}", f, "gguf", chat=True))
+    return found
+
+
+def model_sha256(path: Path) -> dict:
+    """sha256 of the weights file(s) and of the whole directory listing (name -> sha256)."""
+    if path.is_file():
+        h = sha256_tree(path.parent)[path.name]
+        return {"model_sha256": h, "weights": {path.name: h}}
+    tree = sha256_tree(path)
+    weights = {k: v for k, v in tree.items() if k.endswith((".safetensors", ".gguf", ".bin"))}
+    return {"model_sha256": sha256_bytes(canonical_json(tree).encode()), "weights": weights}
+
+
+def offline() -> str | None:
+    """Why the hub cannot be used (None if it can): standard tasks download their data from it."""
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(k, "").lower() in ("1", "true", "yes"):
+            return f"{k} is set"
+    import socket
+
+    try:  # a quick probe, so a machine without network skips instead of waiting on retries
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError as e:
+        return f"huggingface.co unreachable ({type(e).__name__})"
+    return None
+
+
+def task_manager(include_path: Path, defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(include_path), include_defaults=defaults)
+
+
+def check_tasks(tm, names: list[str], recipe_file: str, key: str) -> None:
+    unknown = [n for n in names if n not in tm.all_tasks]
+    if unknown:
+        raise RecipeError(recipe_file, key, f"unknown lm-eval task(s) {', '.join(unknown)} "
+                                            f"(not in {tm.include_path or 'the built-in tasks'})")
+
+
+def load_lm(variant: Variant, batch_size: int):
+    """An in-memory HFLM, so lm-eval does not reload the model per call."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(variant.path), trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(str(variant.path), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{variant.path}: cannot load variant {variant.name}: {e}") from None
+    model.eval()
+    return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu")
+
+
+def item_score(sample: dict) -> float | None:
+    """One number per item, higher is better: accuracy / exact match, or log-likelihood per byte."""
+    for metric in ("acc", "exact_match"):
+        if metric in sample:
+            return float(sample[metric])
+    if "bits_per_byte" in sample:
+        ll, n_bytes = sample["bits_per_byte"]
+        return float(ll) / max(int(n_bytes), 1)
+    return None
+
+
+def item_scores(samples: dict) -> dict[str, dict[str, float]]:
+    out = {}
+    for task, rows in samples.items():
+        scores = {str(r["doc_id"]): item_score(r) for r in rows}
+        out[task] = {k: v for k, v in sorted(scores.items(), key=lambda kv: int(kv[0])) if v is not None}
+    return out
+
+
+def _jsonable(obj):
+    from lm_eval.utils import handle_non_serializable
+
+    return json.loads(json.dumps(obj, default=handle_non_serializable))
+
+
+def merge_results(a: dict | None, b: dict) -> dict:
+    """Fold a second simple_evaluate result (other tasks) into the first."""
+    if a is None:
+        return b
+    for key in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "samples"):
+        if isinstance(b.get(key), dict):
+            a.setdefault(key, {}).update(b[key])
+    return a
+
+
+def evaluate_variant(variant: Variant, cfg, tm, std_tm=None, seed: int = 0) -> tuple[dict, dict, list[str]]:
+    """lm-eval results (its own format + `omp`), per-item scores, and notes on what was skipped."""
+    from lm_eval import simple_evaluate
+
+    notes: list[str] = []
+    start = time.perf_counter()
+    if variant.format == "gguf":
+        if not cfg.gguf_base_url:
+            return {}, {}, [f"{variant.name}: GGUF {variant.path} skipped: lm-eval's gguf model needs a "
+                            "llama.cpp server (set evaluate.gguf_base_url)"]
+        lm_args = dict(model="gguf", model_args={"base_url": cfg.gguf_base_url})
+    else:
+        lm_args = dict(model=load_lm(variant, cfg.batch_size))
+    common = dict(limit=cfg.limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
+                  torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
+    result = simple_evaluate(**lm_args, tasks=list(cfg.tasks), task_manager=tm, **common)
+    if variant.chat and cfg.chat_tasks and variant.format == "hf":
+        chat = simple_evaluate(**lm_args, tasks=list(cfg.chat_tasks), task_manager=tm,
+                               apply_chat_template=True, **common)
+        result = merge_results(result, chat)
+    if cfg.standard_tasks:
+        if std_tm is None:
+            notes.append(f"{variant.name}: standard tasks {', '.join(cfg.standard_tasks)} skipped: offline; "
+                         "they download their data from the hub")
+        else:
+            try:
+                std = simple_evaluate(**lm_args, tasks=list(cfg.standard_tasks), task_manager=std_tm, **common)
+                result = merge_results(result, std)
+            except Exception as e:  # noqa: BLE001 - any hub/network failure means: skip, say why
+                notes.append(f"{variant.name}: standard tasks skipped: {type(e).__name__}: {str(e)[:200]}")
+    samples = result.pop("samples", {})
+    result = _jsonable(result)
+    result["omp"] = {"variant": variant.name, "model_path": str(variant.path), "format": variant.format,
+                     **model_sha256(variant.path), "limit": cfg.limit, "notes": notes,
+                     "eval_seconds": round(time.perf_counter() - start, 1)}
+    return result, item_scores(_jsonable(samples)), notes
+
+
+def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dict:
+    from pipeline import leaderboard
+    from pipeline.config import recipe_path
+    from pipeline.evaluate import arena, contamination
+
+    cfg, rfile = recipe.evaluate, recipe_path(recipe)
+    include = Path(cfg.include_path)
+    if not include.is_dir():
+        raise RecipeError(rfile, "evaluate.include_path", f"{include} is not a directory of lm-eval task YAMLs")
+    variants = discover_variants(artifacts)
+    if cfg.variants is not None:
+        missing = sorted(set(cfg.variants) - {v.name for v in variants})
+        if missing:
+            raise RecipeError(rfile, "evaluate.variants", f"no such variant(s) on disk: {', '.join(missing)} "
+                                                          f"(found: {', '.join(v.name for v in variants) or 'none'})")
+        variants = [v for v in variants if v.name in cfg.variants]
+    if not variants:
+        raise PipelineError(f"{artifacts}/pretrain/final: no model to evaluate; run the pretrain stage first")
+
+    tm = task_manager(include, defaults=False)
+    check_tasks(tm, list(cfg.tasks) + list(cfg.chat_tasks), rfile, "evaluate.tasks")
+    std_tm, why = None, (offline() if cfg.standard_tasks else None)
+    if why:
+        print(f"evaluate: standard tasks {', '.join(cfg.standard_tasks)} skipped: offline ({why}); "
+              "run with network to include them")
+    elif cfg.standard_tasks:
+        std_tm = task_manager(include, defaults=True)
+        check_tasks(std_tm, list(cfg.standard_tasks), rfile, "evaluate.standard_tasks")
+
+    results, scores, notes = {}, {}, []
+    for v in variants:
+        print(f"evaluate: {v.name} ({v.path})")
+        res, sc, nt = evaluate_variant(v, cfg, tm, std_tm, seed=recipe.seed)
+        notes += nt
+        for n in nt:
+            print(f"evaluate: {n}")
+        if res:
+            results[v.name], scores[v.name] = res, sc
+
+    contam = contamination.report(artifacts, Path("evals/data"), cfg.contamination_ngram)
+    ratings = arena.ratings(scores, rounds=cfg.bootstrap_rounds, seed=recipe.seed,
+                            baseline=BASELINE if BASELINE in scores else None)
+    with atomic_dir(out_dir) as tmp:
+        for name in results:
+            write_json(tmp / "results" / f"{name}.json", results[name])
+            write_json(tmp / "samples" / f"{name}.json", scores[name])
+        write_json(tmp / "contamination.json", contam)
+        write_json(tmp / "arena.json", ratings)
+        write_json(tmp / "metrics.json", leaderboard.flat_metrics(results))
+        leaderboard.write(tmp, results, ratings, contam)
+        inputs = {f"{v.name}": model_sha256(v.path)["model_sha256"] for v in variants}
+        write_json(tmp / "provenance.json", provenance("evaluate", recipe, inputs, notes=notes))
+    print(leaderboard.markdown(results, ratings, contam))
+    return {"results": results, "arena": ratings, "contamination": contam, "notes": notes}

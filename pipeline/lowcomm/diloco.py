@@ -1,0 +1,186 @@
+"""DiLoCo (Douillard et al. 2023) and its streaming variant (Douillard et al. 2025) as a Strategy.
+
+Each worker trains its own replica with its own inner optimizer (AdamW from the recipe) on its own
+shard of every published global batch. Every H inner steps the workers agree again:
+
+    delta_w   = theta_global - theta_local_w            (pseudo-gradient, one flat fp32 vector)
+    delta     = mean_w compress(delta_w + residual_w)   (all-gather of the packed messages, or an
+                                                         fp32 all-reduce when compression is none)
+    theta_global <- outer Nesterov SGD(theta_global, delta; outer_lr, outer_momentum)
+    theta_local  <- theta_global                         (inner optimizer state stays local)
+
+Compressed messages are all-gathered rather than all-reduced: int4 levels with per-worker scales
+cannot be summed on the wire. Every worker decodes all messages in rank order and sums them the
+same way, so the global parameters stay bitwise identical on every worker.
+
+Streaming (fragments F > 1): the parameter list is cut into F contiguous fragments; fragment f is
+synced when (inner step - f*H/F) is a multiple of H, so each sync moves about 1/F of the model and
+the syncs are spread over the H steps. F = 1 is plain DiLoCo.
+
+`warmup_sync_steps` synchronous (ddp) steps run before the first inner phase: at short horizons a
+common starting point helps the outer optimizer (see the comm benchmark).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.comm import Comm
+from pipeline.lowcomm.compress import ErrorFeedback, decompress
+from pipeline.pretrain.strategy import DDPStrategy, Strategy
+
+
+def _fragments(params: list[torch.nn.Parameter], n: int) -> list[list[int]]:
+    """Split parameter indices into n contiguous groups of roughly equal numel."""
+    total = sum(p.numel() for p in params)
+    groups: list[list[int]] = [[] for _ in range(n)]
+    acc = 0
+    for i, p in enumerate(params):
+        g = min(n - 1, acc * n // max(total, 1))
+        groups[g].append(i)
+        acc += p.numel()
+    empty = [i for i, g in enumerate(groups) if not g]
+    if empty:
+        raise ValueError(f"pretrain.distributed.diloco.fragments={n} exceeds what {len(params)} "
+                         "parameter tensors can be split into")
+    return groups
+
+
+def _flat(params: list[torch.nn.Parameter], idx: list[int]) -> torch.Tensor:
+    return torch.cat([params[i].detach().reshape(-1).float() for i in idx])
+
+
+def _assign(params: list[torch.nn.Parameter], idx: list[int], flat: torch.Tensor) -> None:
+    off = 0
+    with torch.no_grad():
+        for i in idx:
+            p = params[i]
+            p.copy_(flat[off:off + p.numel()].view_as(p).to(p.dtype))
+            off += p.numel()
+
+
+class DiLoCoStrategy(Strategy):
+    name = "diloco"
+
+    def __init__(self, comm: Comm, cfg=None):
+        super().__init__(comm, cfg)
+        self.d = cfg.diloco
+        self.c = self.d.compression
+        self.params: list[torch.nn.Parameter] = []
+        self.groups: list[list[int]] = []
+        self.state: dict | None = None     # global params, momentum, residuals per fragment; syncs
+        self.on_sync = None                # callable(strategy, step) after each outer sync (checkpointing)
+        self._ddp = DDPStrategy(comm, cfg)
+        self._step = 0                     # steps done (set by after_step; sync_gradients reads it)
+
+    # -- lineage: which rows of each global batch this worker trains on
+    def shard_info(self, global_batch_size: int) -> dict:
+        n = global_batch_size // self.comm.world_size
+        return {"rank": self.comm.rank, "world_size": self.comm.world_size,
+                "rows_of_each_global_batch": [self.comm.rank * n, (self.comm.rank + 1) * n]}
+
+    def build_optimizer(self, params, make_default):
+        opt = make_default(params)
+        if self.d.inner_optimizer == "sgd":
+            # plain SGD at the recipe's learning rate: used by the DiLoCo == DDP sanity anchor
+            groups = [{"params": g["params"], "lr": g["lr"], "weight_decay": g.get("weight_decay", 0.0)}
+                      for g in opt.param_groups]
+            opt = torch.optim.SGD(groups, lr=opt.param_groups[0]["lr"])
+        return opt
+
+    def setup(self, model: torch.nn.Module) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.groups = _fragments(self.params, self.d.fragments)
+        if self.state is None:
+            self.state = {"syncs": 0, "fragments": []}
+            for idx in self.groups:
+                g = _flat(self.params, idx)
+                self.state["fragments"].append({
+                    "global": g.clone(), "momentum": torch.zeros_like(g),
+                    "ef": ErrorFeedback(g.numel(), self.c.error_feedback)})
+        else:
+            # resumed: the replica starts from the last agreed global parameters
+            for f, idx in enumerate(self.groups):
+                if self.state["fragments"][f]["global"].numel() != sum(self.params[i].numel() for i in idx):
+                    raise ValueError("DiLoCo state does not match the model's parameters (fragment "
+                                     f"{f}); was the checkpoint written with another model or fragments?")
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def _in_warmup(self, step: int) -> bool:
+        return step < self.d.warmup_sync_steps
+
+    def sync_gradients(self, model: torch.nn.Module) -> None:
+        if self._in_warmup(self._step):
+            self._ddp.sync_gradients(model)
+
+    def after_step(self, model: torch.nn.Module, optimizer, step: int) -> None:
+        self._step = step + 1
+        if self._in_warmup(step):
+            # replicas are identical after a ddp step: that is the new global point
+            for f, idx in enumerate(self.groups):
+                self.state["fragments"][f]["global"] = _flat(self.params, idx)
+            return
+        inner = step + 1 - self.d.warmup_sync_steps
+        H, F = self.d.inner_steps, len(self.groups)
+        synced = False
+        for f in range(F):
+            k = inner - (f * H) // F
+            if k > 0 and k % H == 0:
+                self.outer_sync(f)
+                synced = True
+        if synced and self.on_sync is not None:
+            self.on_sync(self, step)
+
+    def outer_sync(self, f: int) -> None:
+        fr, idx = self.state["fragments"][f], self.groups[f]
+        delta = fr["global"] - _flat(self.params, idx)
+        if self.c.kind == "none" and self.c.topk_fraction is None:
+            avg = self.comm.all_reduce(delta, op="avg", tag="pseudo_grad")
+        else:
+            avg = self._compressed_mean(fr["ef"], delta)
+        self._outer_step(fr, avg)
+        _assign(self.params, idx, fr["global"])
+        self.state["syncs"] += 1
+
+    def _compressed_mean(self, ef: ErrorFeedback, delta: torch.Tensor) -> torch.Tensor:
+        packed, _ = ef.compress(delta, self.c.kind, self.c.block_size, self.c.topk_fraction)
+        gathered = [self.comm.all_gather(t, tag="pseudo_grad") for t in packed.tensors()]
+        total = torch.zeros_like(delta)
+        for w in range(self.comm.world_size):
+            parts = iter(g[w] for g in gathered)
+            msg = type(packed)(packed.kind, packed.numel, next(parts),
+                               next(parts) if packed.scales is not None else None,
+                               next(parts) if packed.indices is not None else None)
+            total += decompress(msg, self.c.block_size)
+        return total / self.comm.world_size
+
+    def _outer_step(self, fr: dict, delta: torch.Tensor) -> None:
+        """SGD with (Nesterov) momentum on the pseudo-gradient, as torch.optim.SGD computes it."""
+        mu, lr = self.d.outer_momentum, self.d.outer_lr
+        if mu > 0:
+            fr["momentum"].mul_(mu).add_(delta)
+            step = delta + mu * fr["momentum"] if self.d.nesterov else fr["momentum"]
+        else:
+            step = delta
+        fr["global"] = fr["global"] - lr * step
+
+    def state_dict(self) -> dict:
+        if self.state is None:
+            return {}
+        return {"syncs": self.state["syncs"], "step": self._step, "fragments": [
+            {"global": fr["global"].clone(), "momentum": fr["momentum"].clone(),
+             "residual": fr["ef"].residual.clone()} for fr in self.state["fragments"]]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        frs = []
+        for fr in state["fragments"]:
+            ef = ErrorFeedback(fr["global"].numel(), self.c.error_feedback)
+            ef.residual = fr["residual"].clone()
+            frs.append({"global": fr["global"].clone(), "momentum": fr["momentum"].clone(), "ef": ef})
+        self.state = {"syncs": state["syncs"], "fragments": frs}
+        self._step = state.get("step", 0)

@@ -1,0 +1,66 @@
+"""A small driver for the strategies: the trainer's per-step protocol, on real gloo process groups.
+
+Used by the low-communication tests and by bench/comm.py. It calls exactly the hooks the trainer
+calls (see pipeline/pretrain/strategy.py), in the same order, so what it measures is what the
+trainer does; process launch and rendezvous are torch.multiprocessing + torch.distributed (gloo).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeline.comm import Comm
+from pipeline.pretrain.strategy import Strategy, make_strategy  # noqa: F401 - re-exported for tests/bench
+
+
+def train_steps(model: torch.nn.Module, strategy: Strategy, optimizer, batch_of: Callable[[int], object],
+                loss_of: Callable[[torch.nn.Module, object], torch.Tensor], start: int, stop: int,
+                clip: float | None = None, on_step: Callable[[int, float], None] | None = None) -> None:
+    """Steps start..stop-1: shard, forward/backward, sync_gradients, (clip), step, after_step."""
+    for step in range(start, stop):
+        rows = strategy.shard(batch_of(step))
+        loss = loss_of(model, rows)
+        loss.backward()
+        strategy.sync_gradients(model)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        strategy.after_step(model, optimizer, step)
+        if on_step is not None:
+            on_step(step, float(loss))
+
+
+def _worker(rank: int, world_size: int, init_file: str, fn: Callable, args: tuple, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        result = fn(Comm(), *args)
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable, world_size: int, *args) -> list:
+    """Run `fn(comm, *args)` on `world_size` gloo workers (processes); returns each rank's result.
+
+    `fn` must be importable (module level) so the spawned processes can find it.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = str(Path(tmp) / "init")
+        mp.start_processes(_worker, args=(world_size, init_file, fn, args, tmp), nprocs=world_size,
+                           join=True, start_method="spawn")
+        out = []
+        for r in range(world_size):
+            with open(Path(tmp) / f"rank{r}.pkl", "rb") as f:
+                out.append(pickle.load(f))
+        return out

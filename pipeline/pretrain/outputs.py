@@ -1,0 +1,102 @@
+"""What rank 0 writes when training ends: the HF model directory, metrics, dvclive logs, loss curve."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pipeline.config import Recipe
+from pipeline.io import atomic_dir, sha256_file, write_json
+from pipeline.lineage import provenance
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def write_final(model, out: Path, tokenizer_dir: Path, lineage: dict) -> Path:
+    """artifacts/pretrain/final: config.json, model.safetensors, generation_config.json, tokenizer files."""
+    from transformers import GenerationConfig
+
+    final = out / "final"
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        c = model.config
+        GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+                         pad_token_id=c.pad_token_id).save_pretrained(str(tmp))
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copyfile(tokenizer_dir / name, tmp / name)
+        write_json(tmp / "lineage.json", lineage)
+    return final
+
+
+def val_mean(val: dict[str, float]) -> float:
+    return sum(val.values()) / len(val)
+
+
+def write_dvclive(out: Path, history: list[dict], speeds: list[dict]) -> None:
+    from dvclive import Live
+
+    # dvc.yaml declares these files as metrics/plots; dvclive must not write its own dvc.yaml
+    live = Live(str(out / "dvclive"), save_dvc_exp=False, dvcyaml=False)
+    speed = {r["step"]: r["tokens_per_s"] for r in speeds}
+    for rec in history:
+        if rec["step"] in speed:
+            rec = {**rec, "tokens_per_s": speed[rec["step"]]}
+        live.step = rec["step"]
+        for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
+            if k in rec:
+                live.log_metric(f"train/{k}", rec[k])
+        for name, v in rec.get("val", {}).items():
+            live.log_metric(f"val/loss_{name}", v)
+        if rec.get("val"):
+            live.log_metric("val/loss", val_mean(rec["val"]))
+    live.end()
+
+
+def plot_loss(out: Path, history: list[dict]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    tr = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    if tr:
+        ax.plot(*zip(*tr), label="train loss")
+    names = sorted({n for r in history for n in r.get("val", {})})
+    for n in names:
+        pts = [(r["step"], r["val"][n]) for r in history if n in r.get("val", {})]
+        ax.plot(*zip(*pts), marker="o", ms=3, label=f"held-out {n}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "loss_curve.png"
+    tmp = out / ".loss_curve.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write(recipe: Recipe, out: Path, model, history: list[dict], metrics: dict, dirs, lineage: dict,
+          parent: str | None, speeds: list[dict]) -> dict:
+    final = write_final(model, out, dirs.tokenizer, {**lineage, "parent_checkpoint": parent})
+    vals = [r for r in history if r.get("val")]
+    metrics = {**metrics,
+               "val_loss_initial": val_mean(vals[0]["val"]) if vals else None,
+               "val_loss_final": val_mean(vals[-1]["val"]) if vals else None,
+               "val_loss_per_source_initial": vals[0]["val"] if vals else {},
+               "val_loss_per_source": vals[-1]["val"] if vals else {},
+               "train_loss_final": next((r["loss"] for r in reversed(history) if "loss" in r), None),
+               "model_sha256": sha256_file(final / "model.safetensors")}
+    write_json(out / "history.json", history)
+    write_dvclive(out, history, speeds)
+    plot_loss(out, history)
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "provenance.json", provenance(
+        "pretrain", recipe, {"indices": lineage["indices_sha256"],
+                             "tokenizer": sha256_file(dirs.tokenizer / "tokenizer.json")},
+        model_sha256=metrics["model_sha256"]))
+    return metrics

@@ -1,0 +1,50 @@
+"""One torchrun worker: `python -m torch.distributed.run ... -m pipeline.pretrain.worker --spec ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.io import write_json
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--spec", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", default="none")
+    p.add_argument("--blend-dir", default="artifacts/blend")
+    p.add_argument("--tokenize-dir", default="artifacts/tokenize")
+    p.add_argument("--tokenizer-dir", default="artifacts/tokenizer")
+    a = p.parse_args(argv)
+
+    from pipeline.pretrain.launch import EXIT_FILE, load_spec
+    from pipeline.pretrain.trainer import DataDirs
+
+    recipe = load_spec(Path(a.spec))
+    dirs = DataDirs(Path(a.blend_dir), Path(a.tokenize_dir), Path(a.tokenizer_dir))
+    if recipe.pretrain.distributed.engine == "deepspeed":
+        from pipeline.pretrain.ds import train
+    else:
+        from pipeline.pretrain.trainer import train
+    try:
+        train(recipe, Path(a.out), a.resume, dirs)
+    except PipelineError as e:
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            write_json(Path(a.out) / EXIT_FILE, {"message": str(e)})
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The pretrain stage on the micro recipe: outputs, published batches, determinism, resume, bad checkpoints.
+
+The reference run trains the whole micro order once; every other run (rerun, stopped by SIGTERM,
+killed with -9, two torchrun workers, resumed from a damaged checkpoint) is compared to it bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.io import read_json, sha256_file
+from tests.conftest import MICRO, omp
+
+ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+WS2 = "tests/recipes/micro_ws2.yaml"
+
+
+def fresh_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    shutil.rmtree(dst / "artifacts/pretrain", ignore_errors=True)
+    (dst / WS2).write_text("base: micro.yaml\npretrain:\n  distributed: {world_size: 2}\n")
+    return dst
+
+
+def final_sha(work: Path) -> str:
+    return sha256_file(work / "artifacts/pretrain/final/model.safetensors")
+
+
+def ckpt_steps(work: Path) -> list[int]:
+    root = work / "artifacts/pretrain/checkpoints"
+    return sorted(int(p.name[5:]) for p in root.glob("step-*") if (p / "manifest.json").is_file())
+
+
+def start_omp(work: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONHASHSEED": "0", **ENV}
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_checkpoint(work: Path, step: int, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    manifest = work / f"artifacts/pretrain/checkpoints/step-{step:07d}/manifest.json"
+    deadline = time.monotonic() + timeout_s
+    while not manifest.is_file():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before checkpoint {step}:\n{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no checkpoint {step} after {timeout_s}s")
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def reference(micro_data, tmp_path_factory) -> Path:
+    work = fresh_copy(micro_data, tmp_path_factory.mktemp("pretrain_ref") / "work")
+    omp("pretrain", "--recipe", MICRO, cwd=work, env=ENV)
+    return work
+
+
+def test_outputs_metrics_and_loss_falls(reference):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = reference / "artifacts/pretrain"
+    m = read_json(out / "metrics.json")
+    assert m["steps"] == 80 and m["tokens"] == 80 * 8 * 64
+    assert m["val_loss_final"] <= 0.7 * m["val_loss_initial"], m
+    assert set(m["val_loss_per_source"]) == {"python-docs", "python-code", "arithmetic"}
+    assert m["tokens_per_s"] > 0
+    # ddp baseline: one fp32 all-reduce of every gradient per step
+    assert m["bytes_sent_per_worker"] == m["params"] * 4 * 80
+    # keep_last 3 of checkpoints every 10 steps; each names its parent and the data it read
+    assert ckpt_steps(reference) == [60, 70, 80]
+    man = read_json(out / "checkpoints/step-0000080/manifest.json")
+    blend = read_json(reference / "artifacts/blend/blend.json")
+    assert man["lineage"]["indices_sha256"] == blend["indices_sha256"]
+    assert man["lineage"]["parent"] == "step-0000070" and len(man["lineage"]["recipe_sha256"]) == 64
+    assert {"model.safetensors", "state-rank0.pt"} <= set(man["files"])
+    model = AutoModelForCausalLM.from_pretrained(str(out / "final"), use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(str(out / "final"))
+    assert model.config.vocab_size == len(tok) and model.config.num_hidden_layers == 2
+    assert (out / "final/generation_config.json").is_file()
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    live = read_json(out / "dvclive/metrics.json")
+    assert live["step"] == 80 and abs(live["val"]["loss"] - m["val_loss_final"]) < 1e-9
+
+
+def test_trainer_batches_are_the_published_batches(micro_data, tmp_path, monkeypatch):
+    """Global batch N that the trainer feeds the model == `omp batch --step N`."""
+    from pipeline import pretrain
+    from pipeline.config import load_recipe
+    from pipeline.pretrain import strategy
+
+    work = fresh_copy(micro_data, tmp_path / "work")
+    monkeypatch.chdir(work)
+    seen = []
+    shard = strategy.DDPStrategy.shard
+    monkeypatch.setattr(strategy.DDPStrategy, "shard", lambda self, b: seen.append(b.copy()) or shard(self, b))
+    pretrain.run(load_recipe(MICRO, overrides={"pretrain": {"steps": 3}}))
+    assert len(seen) == 3
+    for step in (0, 2):
+        printed = json.loads(omp("batch", "--step", str(step), "--json", cwd=work).stdout)
+        assert seen[step].tolist() == printed["input_ids"]
+
+
+def test_rerun_is_bitwise_identical(reference, tmp_path):
+    work = fresh_copy(reference, tmp_path / "work")
+    omp("pretrain", "--recipe", MICRO, cwd=work, env=ENV)
+    assert final_sha(work) == final_sha(reference)
+    a, b = (read_json(w / "artifacts/pretrain/checkpoints/step-0000070/manifest.json")["files"]
+            for w in (work, reference))
+    a.pop("timings.json"), b.pop("timings.json")  # wall-clock tokens/s: the only file that may differ
+    assert a == b  # weights, optimizer, RNG and cursor of an intermediate checkpoint too
+
+
+def test_sigterm_then_resume_is_bitwise_identical(reference, tmp_path, monkeypatch):
+    from pipeline import pretrain
+    from pipeline.config import load_recipe
+    from pipeline.pretrain import trainer
+
+    work = fresh_copy(reference, tmp_path / "work")
+    monkeypatch.chdir(work)
+    calls = {"n": 0}
+    clip = trainer.clip
+
+    # SIGTERM arrives in the middle of step 25 (0-based 24), after this step's stop agreement:
+    # the next step reads it, finishes its update, writes a checkpoint and stops
+    def clip_then_signal(model, max_norm):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return clip(model, max_norm)
+
+    monkeypatch.setattr(trainer, "clip", clip_then_signal)
+    with pytest.raises(trainer.TrainingStopped, match=r"SIGTERM after step 26 of 80.*--resume latest"):
+        pretrain.run(load_recipe(MICRO))
+    assert ckpt_steps(work) == [10, 20, 26]
+    assert not (work / "artifacts/pretrain/final").exists()
+    monkeypatch.setattr(trainer, "clip", clip)
+    pretrain.run(load_recipe(MICRO), resume="latest")
+    assert final_sha(work) == final_sha(reference)
+    m, ref = read_json(work / "artifacts/pretrain/metrics.json"), read_json(reference / "artifacts/pretrain/metrics.json")
+    assert m["val_loss_per_source"] == ref["val_loss_per_source"]
+    assert m["bytes_sent_per_worker"] == ref["bytes_sent_per_worker"]
+
+
+def test_kill9_after_checkpoint_then_resume_is_bitwise_identical(reference, tmp_path):
+    work = fresh_copy(reference, tmp_path / "work")
+    proc = start_omp(work, "pretrain", "--recipe", MICRO)
+    wait_for_checkpoint(work, 20, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert max(ckpt_steps(work)) < 80
+    omp("pretrain", "--recipe", MICRO, "--resume", "latest", cwd=work, env=ENV)
+    assert final_sha(work) == final_sha(reference)
+
+
+def test_damaged_checkpoint_is_refused_and_latest_valid_falls_back(reference, tmp_path):
+    work = fresh_copy(reference, tmp_path / "work")
+    shutil.copytree(reference / "artifacts/pretrain/checkpoints", work / "artifacts/pretrain/checkpoints")
+    weights = work / "artifacts/pretrain/checkpoints/step-0000080/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    p = omp("pretrain", "--recipe", MICRO, "--resume", "latest", cwd=work, env=ENV, check=False)
+    assert p.returncode == 2
+    assert "step-0000080/model.safetensors" in p.stderr and "truncated" in p.stderr
+    p = omp("pretrain", "--recipe", MICRO, "--resume", "latest-valid", cwd=work, env=ENV)
+    assert "skipping damaged checkpoint" in p.stdout and "resumed from" in p.stdout
+    assert "step-0000070" in p.stdout
+    assert final_sha(work) == final_sha(reference)
+
+
+def test_non_finite_loss_stops_and_names_the_step(micro_data, tmp_path, monkeypatch):
+    from pipeline import pretrain
+    from pipeline.config import load_recipe
+    from pipeline.pretrain import trainer
+
+    work = fresh_copy(micro_data, tmp_path / "work")
+    monkeypatch.chdir(work)
+    train_step = trainer.train_step
+
+    def poisoned(*a, **k):  # step 13's loss is NaN, as a diverging run's would be
+        loss = train_step(*a, **k)
+        return float("nan") if a[3] == 13 else loss
+
+    monkeypatch.setattr(trainer, "train_step", poisoned)
+    with pytest.raises(trainer.TrainingDiverged, match=r"non-finite loss \(nan\) at step 13.*step-0000010"):
+        pretrain.run(load_recipe(MICRO))
+    assert ckpt_steps(work) == [10]
+
+
+def test_two_torchrun_workers_sigterm_resume_bitwise(reference, tmp_path):
+    ref2 = fresh_copy(reference, tmp_path / "ref2")
+    omp("pretrain", "--recipe", WS2, cwd=ref2, env=ENV)
+    m2, m1 = (read_json(w / "artifacts/pretrain/metrics.json") for w in (ref2, reference))
+    assert m2["world_size"] == 2 and m2["engine"] == "torchrun"
+    # same data, same updates up to float summation order: the curves agree closely
+    assert abs(m2["val_loss_final"] - m1["val_loss_final"]) < 0.05, (m1["val_loss_final"], m2["val_loss_final"])
+
+    work = fresh_copy(reference, tmp_path / "work")
+    proc = start_omp(work, "pretrain", "--recipe", WS2)
+    wait_for_checkpoint(work, 10, proc)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert "stopped by SIGTERM" in err
+    stopped_at = max(ckpt_steps(work))
+    assert 10 < stopped_at < 80
+    man = read_json(work / f"artifacts/pretrain/checkpoints/step-{stopped_at:07d}/manifest.json")
+    assert {"state-rank0.pt", "state-rank1.pt"} <= set(man["files"])
+    omp("pretrain", "--recipe", WS2, "--resume", "latest", cwd=work, env=ENV)
+    assert final_sha(work) == final_sha(ref2)
+
+
+@pytest.mark.e2e
+def test_deepspeed_zero2_two_cpu_workers_matches_ddp(reference, tmp_path):
+    """ZeRO-2 over 2 gloo workers (DS_ACCELERATOR=cpu) follows the plain data-parallel curve.
+
+    Same batches, same torch AdamW and schedule: the curves differ only by float summation order
+    (DeepSpeed averages gradients in its own buckets), so we hold them to 2% per logged step.
+    """
+    work = fresh_copy(reference, tmp_path / "work")
+    (work / "tests/recipes/micro_ds.yaml").write_text(
+        "base: micro.yaml\npretrain:\n  distributed: {world_size: 2, engine: deepspeed, zero_stage: 2}\n")
+    omp("pretrain", "--recipe", "tests/recipes/micro_ds.yaml", cwd=work, env=ENV)
+    m = read_json(work / "artifacts/pretrain/metrics.json")
+    assert m["engine"] == "deepspeed-zero2" and m["world_size"] == 2
+    ds, ddp = (read_json(w / "artifacts/pretrain/history.json") for w in (work, reference))
+    ddp_loss = {r["step"]: r["loss"] for r in ddp if "loss" in r}
+    ds_loss = {r["step"]: r["loss"] for r in ds if "loss" in r}
+    assert ds_loss.keys() == ddp_loss.keys()
+    for step, loss in ddp_loss.items():
+        assert abs(ds_loss[step] - loss) <= 0.02 * loss, (step, ds_loss[step], loss)
+    ref = read_json(reference / "artifacts/pretrain/metrics.json")
+    assert abs(m["val_loss_final"] - ref["val_loss_final"]) < 0.05
+    assert ckpt_steps(work)[-1] == 80
+    assert (work / "artifacts/pretrain/final/model.safetensors").is_file()

@@ -1,0 +1,137 @@
+"""Release, publish and recreate on the micro chain (pretrain → posttrain → quantize → release)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.io import read_json, sha256_file
+from tests.conftest import MICRO, REPO, omp
+
+FAKE_TOKEN = "hf_PLANTEDfakeTOKENdoNOTleak0123456789"
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def released(micro_data, tmp_path_factory):
+    """The micro chain through release, every stage run with a (fake) hub token in the environment."""
+    wd = tmp_path_factory.mktemp("release") / "work"
+    shutil.copytree(micro_data, wd, symlinks=True)
+    env = {"HF_TOKEN": FAKE_TOKEN, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    logs = []
+    for stage in ("pretrain", "posttrain", "quantize", "release"):
+        p = omp(stage, "--recipe", MICRO, cwd=wd, env=env)
+        logs.append(p.stdout + p.stderr)
+    pub = omp("publish", "artifacts/release/micro", "--repo-id", "org/micro", cwd=wd,
+              env={"HF_TOKEN": FAKE_TOKEN})  # not offline: the hub is unreachable here, so a dry run
+    logs.append(pub.stdout + pub.stderr)
+    return wd, wd / "artifacts/release/micro", "\n".join(logs), pub
+
+
+def test_release_layout_and_lineage(released):
+    wd, rel, _, _ = released
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+              "generation_config.json", "README.md", "lineage.json", "recipe.yaml", "data/indices.npy",
+              "data/blend.json", "base/model.safetensors"):
+        assert (rel / f).is_file(), f
+    assert any((rel / "quantized").iterdir()) and any((rel / "gguf").glob("*.gguf"))
+    lin = read_json(rel / "lineage.json")
+    assert lin["data"]["indices_sha256"] == sha256_file(rel / "data/indices.npy")
+    assert lin["model_sha256"] == sha256_file(rel / "model.safetensors")
+    chk = {c["name"]: c for c in lin["checkpoints"]}
+    assert chk["posttrain"]["parent"] == chk["pretrain"]["sha256"] == sha256_file(rel / "base/model.safetensors")
+    assert chk["posttrain"]["sha256"] == lin["model_sha256"]
+    assert any(c["stage"] == "quantize" and c["parent"] == lin["model_sha256"] for c in lin["checkpoints"])
+    assert {m["path"] for m in lin["manifests"]} == {"tests/recipes/micro_manifest.yaml",
+                                                      "tests/recipes/micro_manifest.lock.json"}
+    assert lin["recipe"]["name"] == "micro" and len(lin["recipe_sha256"]) == 64
+    card = (rel / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["license"] == "apache-2.0" and "open-model-pipeline" in front["tags"]
+    for section in ("## Training data", "## Training procedure", "## Evaluation", "## Quantization",
+                    "## How to recreate"):
+        assert section in card
+    # transformers 4.x compatible fields beside the 5.x ones
+    assert read_json(rel / "tokenizer_config.json")["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "chat_template" in read_json(rel / "tokenizer_config.json")
+
+
+def test_release_loads_in_transformers_and_generates(released):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, rel, _, _ = released
+    tok = AutoTokenizer.from_pretrained(str(rel))
+    model = AutoModelForCausalLM.from_pretrained(str(rel))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False,
+                                     add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    base = AutoModelForCausalLM.from_pretrained(str(rel / "base"))
+    assert sum(p.numel() for p in base.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_token_never_leaks(released):
+    wd, rel, logs, _ = released
+    assert FAKE_TOKEN not in logs
+    leaks = [p for p in wd.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]
+    assert leaks == []
+
+
+def test_publish_without_network_is_a_dry_run(released):
+    _, rel, _, pub = released
+    assert pub.returncode == 0 and "dry run" in pub.stdout and "org/micro" in pub.stdout
+    assert "lineage.json" in pub.stdout and "model.safetensors" in pub.stdout
+    bad = omp("publish", str(rel), "--repo-id", "no-slash", cwd=rel, check=False)
+    assert bad.returncode == 2 and "--repo-id" in bad.stderr
+
+
+def test_recreate_refuses_a_flipped_byte_in_the_published_indices(released, tmp_path):
+    _, rel, _, _ = released
+    copy = tmp_path / "rel"
+    shutil.copytree(rel, copy)
+    data = bytearray((copy / "data/indices.npy").read_bytes())
+    data[-3] ^= 0x01
+    (copy / "data/indices.npy").write_bytes(bytes(data))
+    p = omp("recreate", str(copy), "--workdir", str(tmp_path / "wd"), cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "data/indices.npy" in p.stderr and "does not match lineage" in p.stderr
+    assert not (tmp_path / "wd" / "artifacts").exists()  # refused before any work
+
+
+def test_recreate_after_deleting_artifacts_matches_bitwise(released, tmp_path):
+    wd, rel, _, _ = released
+    published = tmp_path / "published"
+    shutil.copytree(rel, published)
+    hidden = tmp_path / "original-artifacts"
+    os.replace(wd / "artifacts", hidden)  # nothing of the original run is reachable, only the published folder
+    try:
+        p = omp("recreate", str(published), "--until", "posttrain", "--workdir", str(tmp_path / "again"),
+                cwd=tmp_path, check=False)
+    finally:
+        os.replace(hidden, wd / "artifacts")
+    lines = p.stdout.strip().splitlines()
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert lines[-1].startswith("MATCH") and "bitwise" in lines[-1]
+    assert "tensors bitwise equal, max abs diff 0.000e+00" in p.stdout
+
+
+def test_lm_eval_runs_on_the_release(released, tmp_path):
+    _, rel, _, _ = released
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = tmp_path / "lm_eval_out"
+    p = subprocess.run([str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
+                        f"pretrained={rel},dtype=float32", "--tasks", "omp_arith_mc",
+                        "--include_path", str(REPO / "evals/tasks"), "--limit", "8", "--device", "cpu",
+                        "--output_path", str(out)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = [json.loads(f.read_text()) for f in out.rglob("results_*.json")]
+    assert results and "omp_arith_mc" in results[0]["results"]
