@@ -68,9 +68,9 @@ def test_dvc_push_pull_through_the_default_local_remote(tmp_path):
 
     run("repro", "ingest")
     digest = sha256_file(repo / "artifacts/ingest/ingest.json")
-    run("push")
+    run("push", "ingest")
     assert any((repo / ".dvcstore").rglob("*")), "push wrote nothing to the local remote"
     shutil.rmtree(repo / "artifacts")
     shutil.rmtree(repo / ".dvc/cache")
-    run("pull")
+    run("pull", "ingest")
     assert sha256_file(repo / "artifacts/ingest/ingest.json") == digest
