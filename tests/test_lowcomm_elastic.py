@@ -25,7 +25,7 @@ def torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.e2e
 @pytest.mark.skip(reason="hangs under `torchrun --max-restarts 1` with c10d rendezvous on localhost:0 after the "
-                         "SIGKILL (>300 s, seen twice on 2025-11-23); issue 4 stays open until it is fixed")
+                         "SIGKILL (>300 s, seen twice on 2026-11-23); issue 4 stays open until it is fixed")
 def test_killed_worker_restarts_from_last_sync_bitwise(tmp_path):
     clean = torchrun(tmp_path / "clean")
     assert clean.returncode == 0, clean.stderr[-3000:]
