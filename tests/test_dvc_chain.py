@@ -74,3 +74,19 @@ def test_dvc_push_pull_through_the_default_local_remote(tmp_path):
     shutil.rmtree(repo / ".dvc/cache")
     run("pull", "ingest")
     assert sha256_file(repo / "artifacts/ingest/ingest.json") == digest
+
+
+def test_every_stage_params_section_exists_in_the_default_recipe():
+    """DVC refuses a stage whose params section is missing from the recipe file ("Parameters 'x' are
+    missing"), so `make repro` would stop at that stage. A default left implicit is not enough."""
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    recipe_path = yaml.safe_load((REPO / "params.yaml").read_text())["recipe"]
+    recipe = yaml.safe_load((REPO / recipe_path).read_text())
+    missing = []
+    for name, stage in dvc["stages"].items():
+        for entry in stage.get("params", []):
+            if isinstance(entry, dict):
+                for file, keys in entry.items():
+                    assert file == "${recipe}", f"dvc.yaml: stages.{name}.params: unexpected file {file}"
+                    missing += [f"{name}:{k}" for k in keys if k not in recipe]
+    assert not missing, f"{recipe_path} lacks sections that dvc.yaml stages read: {missing}"
