@@ -15,10 +15,32 @@ single-process run reports what one worker would send.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+def init_process_group(backend: str = "gloo", timeout: timedelta = timedelta(minutes=10)) -> None:
+    """`dist.init_process_group` from torchrun's environment, safe across elastic restarts.
+
+    Under torchrun the workers share the agent's TCPStore, and it is *not* emptied when the group
+    restarts after a failure (`--max-restarts`): a restarted rank can read the address the dead
+    rank published in the previous attempt, gloo's connect is refused, and the group hangs or
+    dies (seen here with torch 2.13). Keys are therefore put under a prefix per restart attempt.
+    Outside torchrun's agent store this is plain `init_process_group(backend)`.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"omp/attempt{attempt}/", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                            timeout=timeout)
 
 
 class Comm:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.comm import Comm  # noqa: E402
+from pipeline.comm import Comm, init_process_group  # noqa: E402
 from pipeline.lowcomm.elastic import SyncCheckpointer  # noqa: E402
 from pipeline.lowcomm.loop import make_strategy, train_steps  # noqa: E402
 from tests.test_lowcomm import batch_of, dist_cfg, mse, tiny_model  # noqa: E402
@@ -26,7 +26,7 @@ STEPS = 24
 
 def main(out: Path, kill_at: int | None) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    init_process_group("gloo")
     comm = Comm()
     cfg = dist_cfg("diloco", inner_steps=4, compression={"kind": "int4", "block_size": 32})
     model = tiny_model()

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import checkpoint as ckpt
-from pipeline.comm import Comm
+from pipeline.comm import Comm, init_process_group
 from pipeline.config import Recipe, recipe_sha256
 from pipeline.data import PublishedOrder
 from pipeline.errors import RecipeError
@@ -67,7 +67,7 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
     dirs = dirs or DataDirs()
     cfg = recipe.pretrain
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     deepspeed.init_distributed(dist_backend=dist.get_backend())
     ctx = Context(rank=dist.get_rank(), world_size=dist.get_world_size())
     set_determinism(cfg.threads or max(1, cpu_cores() // ctx.world_size))

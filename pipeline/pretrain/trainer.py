@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import checkpoint as ckpt
-from pipeline.comm import Comm
+from pipeline.comm import Comm, init_process_group
 from pipeline.config import PretrainCfg, Recipe, recipe_sha256
 from pipeline.data import PublishedOrder
 from pipeline.errors import PipelineError, RecipeError
@@ -70,7 +70,7 @@ def init_distributed(backend: str) -> Context:
     if ws > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if cuda else "gloo"
-        dist.init_process_group(backend)
+        init_process_group(backend)
     rank = dist.get_rank() if dist.is_initialized() else 0
     ws = dist.get_world_size() if dist.is_initialized() else 1
     if cuda:
