@@ -127,6 +127,11 @@ class TokenizerCfg(Strict):
 class TokenizeCfg(Strict):
     val_per_mille: Annotated[int, Field(ge=1, le=500)] = 20  # documents held out per source
     batch_docs: PosInt = 512
+    # Training decontamination: every training window of `decontaminate_ngram` tokens that equals an
+    # n-gram of an item of the local lm-eval tasks in this directory is cut out (None: off). Use the
+    # same n as evaluate.contamination_ngram: then the contamination report shows zero by construction.
+    decontaminate_tasks: str | None = "evals/tasks"
+    decontaminate_ngram: PosInt = 13
 
 
 class BlendCfg(Strict):
@@ -156,6 +161,9 @@ class DiLoCoCfg(Strict):
     # inner optimizer: the recipe's AdamW, or plain SGD at its lr (the DiLoCo == DDP sanity anchor)
     inner_optimizer: Literal["default", "sgd"] = "default"
     compression: OuterCompressionCfg = OuterCompressionCfg()
+    # the trainer also checkpoints right after every outer sync (θ_global, outer momentum, error
+    # feedback, step = data cursor): a restart then loses at most H steps, whatever checkpoint_every_steps
+    checkpoint_every_sync: bool = True
 
 
 class DeMoCfg(Strict):
@@ -252,6 +260,9 @@ class EvaluateCfg(Strict):
     batch_size: PosInt = 16
     variants: list[str] | None = None  # evaluate only these variant names (None: all found)
     gguf_base_url: str | None = None  # a llama.cpp server for lm-eval's gguf model (serves one GGUF)
+    # a Python with llama-cpp-python[server]: evaluate serves each GGUF variant with it in turn and
+    # runs lm-eval's gguf model on the tasks it supports (None or absent: GGUF variants are skipped)
+    gguf_server_python: str | None = None
     contamination_ngram: PosInt = 13  # n-gram length (tokens) for the overlap check against training
     bootstrap_rounds: PosInt = 200    # Bradley-Terry 95% intervals
 

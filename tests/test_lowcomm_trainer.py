@@ -1,10 +1,11 @@
-"""DiLoCo through the real trainer (`omp pretrain`, 2 torchrun workers on gloo): bytes and loss."""
+"""DiLoCo through the real trainer (`omp pretrain`, 2 torchrun workers on gloo): bytes, loss, a
+checkpoint at every outer sync, and a bitwise restart from one of them."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.io import read_json
+from pipeline.io import read_json, sha256_file
 from pipeline.lowcomm.compress import message_nbytes
 from tests.conftest import omp
 
@@ -12,7 +13,8 @@ RECIPE = """base: micro.yaml
 name: micro-diloco
 pretrain:
   steps: 40
-  checkpoint_every_steps: 20
+  checkpoint_every_steps: 1000   # only the per-sync checkpoints (and the last step)
+  keep_last: 4
   eval_every_steps: 20
   eval_tokens: 2048
   distributed:
@@ -33,3 +35,17 @@ def test_trainer_runs_diloco_int4_on_two_workers(micro_data, copy_workdir):
     # 4 outer syncs, each an int4 message (packed payload + fp32 scale per 64) and nothing else
     assert m["comm"]["by_kind"] == {"pseudo_grad": 4 * message_nbytes(m["params"], "int4", 64)}
     assert m["val_loss_final"] < m["val_loss_initial"] - 1.0
+
+    # every outer sync (H=10) wrote a checkpoint holding the agreed global state
+    root = work / "artifacts/pretrain/checkpoints"
+    assert sorted(p.name for p in root.glob("step-*")) == [f"step-{s:07d}" for s in (10, 20, 30, 40)]
+    import torch
+    st = torch.load(root / "step-0000030/state-rank1.pt", weights_only=True)
+    assert st["step"] == 30 and st["strategy"]["step"] == 30 and st["strategy"]["syncs"] == 3
+    fr = st["strategy"]["fragments"][0]
+    assert fr["global"].numel() == m["params"] and fr["residual"].abs().sum() > 0   # int4 error feedback
+    # a restart from the sync at step 30 ends with the uninterrupted run's weights, bit for bit
+    final = sha256_file(work / "artifacts/pretrain/final/model.safetensors")
+    omp("pretrain", "--recipe", "tests/recipes/micro_diloco.yaml", "--resume", str(root / "step-0000030"),
+        cwd=work, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert sha256_file(work / "artifacts/pretrain/final/model.safetensors") == final

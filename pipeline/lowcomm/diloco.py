@@ -118,6 +118,7 @@ class DiLoCoStrategy(Strategy):
 
     def after_step(self, model: torch.nn.Module, optimizer, step: int) -> None:
         self._step = step + 1
+        self.synced = False
         if self._in_warmup(step):
             # replicas are identical after a ddp step: that is the new global point
             for f, idx in enumerate(self.groups):
@@ -131,6 +132,7 @@ class DiLoCoStrategy(Strategy):
             if k > 0 and k % H == 0:
                 self.outer_sync(f)
                 synced = True
+        self.synced = synced and self.d.checkpoint_every_sync
         if synced and self.on_sync is not None:
             self.on_sync(self, step)
 
@@ -158,14 +160,19 @@ class DiLoCoStrategy(Strategy):
         return total / self.comm.world_size
 
     def _outer_step(self, fr: dict, delta: torch.Tensor) -> None:
-        """SGD with (Nesterov) momentum on the pseudo-gradient, as torch.optim.SGD computes it."""
+        """SGD with (Nesterov) momentum on the pseudo-gradient, as torch.optim.SGD computes it.
+
+        The same ops as torch's single-tensor SGD (`add(x, alpha=a)` rounds once where `x + a * y`
+        rounds twice): that keeps us bitwise equal to torchft's DiLoCo, whose outer optimizer is a
+        torch.optim.SGD (tests/test_torchft_crosscheck.py). A zero momentum buffer times mu plus
+        delta equals torch's first-step `clone(delta)` exactly.
+        """
         mu, lr = self.d.outer_momentum, self.d.outer_lr
+        step = delta
         if mu > 0:
             fr["momentum"].mul_(mu).add_(delta)
-            step = delta + mu * fr["momentum"] if self.d.nesterov else fr["momentum"]
-        else:
-            step = delta
-        fr["global"] = fr["global"] - lr * step
+            step = delta.add(fr["momentum"], alpha=mu) if self.d.nesterov else fr["momentum"]
+        fr["global"] = fr["global"].add(step, alpha=-lr)
 
     def state_dict(self) -> dict:
         if self.state is None:

@@ -25,6 +25,7 @@ from pipeline.comm import Comm
 
 class Strategy:
     name = "single"
+    synced = False       # True right after a step that ended with an outer sync (the trainer checkpoints then)
 
     def __init__(self, comm: Comm, cfg=None):
         self.comm = comm

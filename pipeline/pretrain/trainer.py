@@ -356,7 +356,7 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
                 history.append(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step * trained / train_s:,.0f}")
-            if done % cfg.checkpoint_every_steps == 0 or done == total or signum:
+            if done % cfg.checkpoint_every_steps == 0 or done == total or signum or strategy.synced:
                 checkpoint(done)
             if signum and done < total:
                 bar.close()
