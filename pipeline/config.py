@@ -145,7 +145,7 @@ class BlendCfg(Strict):
 
 
 class OuterCompressionCfg(Strict):
-    kind: Literal["none", "fp16", "int8", "int4"] = "none"
+    kind: Literal["none", "fp16", "int8", "int4", "sign"] = "none"   # sign: 1 bit + a scale per block
     block_size: PosInt = 64          # elements per quantization block (one scale each)
     topk_fraction: Annotated[float, Field(gt=0, le=1)] | None = None  # keep this fraction of entries
     error_feedback: bool = True      # add the residual to the next pseudo-gradient

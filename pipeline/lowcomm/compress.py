@@ -4,6 +4,9 @@ A flat fp32 vector `x` (numel n) becomes a `Packed` message:
   - fp16: the values as float16 (2 bytes each), no scales;
   - int8: symmetric levels -127..127, one fp32 scale (absmax / 127) per block of `block_size`;
   - int4: symmetric levels -7..7 stored as 1..15 and packed two per byte, one fp32 scale per block;
+  - sign: one bit per entry (packed eight per byte) and one fp32 scale per block, the block's mean
+    |x|: the scaled sign of Karimireddy et al. 2019 ("Error Feedback Fixes SignSGD"), which with
+    error feedback converges like the uncompressed method. 21x smaller than fp32 at block 64;
   - top-k (optional, any kind): first keep the `topk_fraction` largest-magnitude entries; their
     int32 positions are sent too, and only the kept values are quantized.
 Bytes on the wire = payload + scales (+ indices): `Packed.nbytes`, and exactly what Comm counts,
@@ -51,13 +54,35 @@ def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return padded.view(n_blocks, block_size)
 
 
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def _sign_quantize(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled sign: bits (1 = non-negative) packed 8 per byte; scale = mean |x| of the real entries."""
+    n = x.numel()
+    b = _blocks(x, block_size)
+    counts = torch.full((b.shape[0],), float(block_size))
+    counts[-1] = n - (b.shape[0] - 1) * block_size          # the zero padding is not data
+    scales = b.abs().sum(dim=1) / counts
+    bits = (x >= 0).to(torch.uint8)
+    bits = torch.cat([bits, torch.zeros((-n) % 8, dtype=torch.uint8)]).view(-1, 8)
+    return (bits * _BITS).sum(dim=1, dtype=torch.uint8), scales
+
+
+def _sign_dequantize(payload: torch.Tensor, scales: torch.Tensor, numel: int, block_size: int) -> torch.Tensor:
+    bits = ((payload[:, None] & _BITS) != 0).reshape(-1)[:numel].float() * 2 - 1
+    return bits * scales.repeat_interleave(block_size)[:numel]
+
+
 def quantize_blockwise(x: torch.Tensor, kind: str, block_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flat fp32 `x` -> (payload, scales). fp16 has no scales."""
     x = x.reshape(-1).float()
     if kind == "fp16":
         return x.half(), None
+    if kind == "sign":
+        return _sign_quantize(x, block_size)
     if kind not in LEVELS:
-        raise ValueError(f"unknown compression kind {kind!r}: expected fp16, int8 or int4")
+        raise ValueError(f"unknown compression kind {kind!r}: expected fp16, int8, int4 or sign")
     levels = LEVELS[kind]
     b = _blocks(x, block_size)
     scales = b.abs().amax(dim=1) / levels
@@ -76,6 +101,8 @@ def dequantize_blockwise(payload: torch.Tensor, scales: torch.Tensor | None, kin
     """Inverse of quantize_blockwise: flat fp32 of length `numel`."""
     if kind == "fp16":
         return payload.float()[:numel]
+    if kind == "sign":
+        return _sign_dequantize(payload, scales, numel, block_size)
     if kind == "int8":
         q = payload.float()
     elif kind == "int4":
@@ -128,6 +155,8 @@ def message_nbytes(numel: int, kind: str, block_size: int = 64, topk_fraction: f
     if kind == "fp16":
         return 2 * n + idx
     n_blocks = max(1, math.ceil(n / block_size))
+    if kind == "sign":
+        return math.ceil(n / 8) + 4 * n_blocks + idx
     payload = n_blocks * block_size if kind == "int8" else math.ceil(n_blocks * block_size / 2)
     return payload + 4 * n_blocks + idx
 
