@@ -49,3 +49,35 @@ def test_trainer_runs_diloco_int4_on_two_workers(micro_data, copy_workdir):
     omp("pretrain", "--recipe", "tests/recipes/micro_diloco.yaml", "--resume", str(root / "step-0000030"),
         cwd=work, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert sha256_file(work / "artifacts/pretrain/final/model.safetensors") == final
+
+
+DEMO = """base: micro.yaml
+name: micro-demo
+pretrain:
+  steps: 20
+  checkpoint_every_steps: 20
+  eval_every_steps: 20
+  eval_tokens: 2048
+  distributed:
+    mode: demo
+    world_size: 2
+    demo: {chunk_size: 64, topk: 8}
+"""
+
+
+@pytest.mark.e2e
+def test_trainer_runs_demo_on_two_workers(micro_data, copy_workdir):
+    work = copy_workdir(micro_data)
+    (work / "tests/recipes/micro_demo.yaml").write_text(DEMO)
+    omp("pretrain", "--recipe", "tests/recipes/micro_demo.yaml", cwd=work,
+        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    m = read_json(work / "artifacts/pretrain/metrics.json")
+    assert m["mode"] == "demo" and m["world_size"] == 2
+    # every step all-gathers, per chunk of 64 entries (chunks do not cross tensors), 8 uint8 positions
+    # and 8 fp32 values: (1 + 4) * 8 / 64 = 0.625 bytes per parameter per step, vs ddp's 4
+    kinds = m["comm"]["by_kind"]
+    assert set(kinds) == {"demo_positions", "demo_values"}
+    assert kinds["demo_values"] == 4 * kinds["demo_positions"]
+    chunks_per_step = kinds["demo_positions"] // (20 * 8)
+    assert m["params"] / 64 <= chunks_per_step <= m["params"] / 64 + 64, (chunks_per_step, m["params"])
+    assert m["val_loss_final"] < m["val_loss_initial"] - 0.5
