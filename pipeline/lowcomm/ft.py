@@ -1,0 +1,249 @@
+"""Fault-tolerant DiLoCo on torchft: workers may die or join while training goes on.
+
+Membership, quorum, process groups and live recovery all come from torchft; our code is the outer
+step (DiLoCoStrategy: compression, error feedback) and the byte accounting (Comm). Per worker:
+
+    one replica group = one process = one torchft Manager (with its own TCPStore and a
+    fault-tolerant gloo process group); one Lighthouse for the whole job decides the quorum.
+
+One *round* = H inner steps + one outer sync, and it is the unit torchft commits:
+
+    manager.start_quorum()        quorum of the replicas alive now; a replica whose step is behind
+                                  (a late or restarted one) heals here: torchft fetches the state
+                                  of a healthy peer over HTTP and calls our load_state_dict
+    comm.begin_round()            rank / world size = participating rank / participant count
+    H inner steps                 on this replica's shard of global batches round*H .. round*H+H-1
+    outer sync                    pseudo-gradient through manager.allreduce (fp32) or an all-gather
+                                  of packed compressed messages on the torchft process group
+    manager.should_commit()       True: the round is kept and torchft's step (= rounds done) +1.
+                                  False (a peer died, a collective failed): everything is rolled
+                                  back to the state at the round start and the round is redone
+                                  with the next quorum.
+
+Data rule (deterministic given membership): in a round with W participants, the replica with
+participating rank r trains on rows [r*B/W, (r+1)*B/W) of each global batch (B rows). A committed
+round therefore trains on every row of its H global batches exactly once, whoever is alive; a
+round that loses a worker is discarded and redone, so no shard is ever missing or counted twice.
+The global batch must split evenly over every participant count that can occur.
+
+The state a joiner receives (and the snapshot a failed round rolls back to) is: replica weights,
+inner optimizer state, DiLoCo state (global params, outer momentum, error-feedback residuals,
+step). torchft's own state (its step = rounds committed) comes with it, so the data cursor is
+`rounds committed × H`. A joiner thus starts from the peer's inner AdamW moments (a warm start) and
+its error-feedback residual: the mean residual over the participants, which is what the next
+compressed mean adds back, stays what it was. Participating ranks follow the sorted replica ids.
+
+Limits: whole rounds only (fragments=1, no synchronous warm-up); a replica group is one process;
+a collective that hangs rather than fails is cut off by the Manager timeout (gloo timeout).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import AllgatherOptions, ReduceOp
+
+from pipeline.comm import Comm
+
+
+class ManagerComm(Comm):
+    """Comm whose collectives go through a torchft Manager and its fault-tolerant process group.
+
+    Bytes are counted as in Comm (numel × element_size of what this worker contributes), for every
+    attempt: a round that is later rolled back still sent its bytes. A failed collective does not
+    raise: torchft records the error (manager.errored()), the returned tensors are garbage, and
+    should_commit() then returns False so the driver discards the round.
+    """
+
+    def __init__(self, manager, pg):
+        super().__init__(group=None)
+        self.manager = manager
+        self.pg = pg
+        self.distributed = True
+        self.failed_collectives = 0
+
+    def begin_round(self) -> None:
+        """Take rank and world size from the quorum just formed (fixed for the whole round)."""
+        rank = self.manager.participating_rank()
+        if rank is None:
+            # only with torchft's FIXED_WITH_SPARES mode, which make_manager does not use
+            raise RuntimeError("torchft: this replica is a spare in the current quorum; the DiLoCo "
+                               "driver needs every replica to participate (WorldSizeMode.DYNAMIC)")
+        self.world_size = self.manager.num_participants()
+        self.rank = rank
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum", tag: str = "all_reduce") -> torch.Tensor:
+        self._count(tag, self.nbytes(t))
+        work = self.manager.allreduce(t, reduce_op=ReduceOp.AVG if op == "avg" else ReduceOp.SUM)
+        if not work.wait():
+            self.failed_collectives += 1
+        return t
+
+    def all_gather(self, t: torch.Tensor, tag: str = "all_gather") -> list[torch.Tensor]:
+        self._count(tag, self.nbytes(t))
+        out = [torch.zeros_like(t) for _ in range(self.world_size)]
+        if self.manager.errored() is not None:
+            return out                      # the round is already lost: skip the wire
+        if self.world_size == 1:
+            out[0].copy_(t)
+            return out
+        try:
+            self.pg.allgather([out], [t.contiguous()], AllgatherOptions()).wait()
+        except Exception as e:              # a dead peer: gloo raises; torchft decides what next
+            self.failed_collectives += 1
+            self.manager.report_error(e)
+        return out
+
+    def broadcast(self, t, src=0, tag="broadcast"):
+        raise NotImplementedError("ManagerComm: broadcast is not used by DiLoCo; torchft heals "
+                                  "joining replicas instead")
+
+    def barrier(self) -> None:
+        raise NotImplementedError("ManagerComm: no barrier across replica groups; the quorum is "
+                                  "the synchronisation point")
+
+    def stats(self) -> dict:
+        return {**super().stats(), "failed_collectives": self.failed_collectives}
+
+
+class ReplicaState:
+    """What one replica hands to a joining peer and rolls back to: a snapshot, never live tensors.
+
+    torchft's HTTP transport keeps the returned dict and serves it while this replica already trains
+    on (CPU tensors are not copied on its side), so everything is cloned here.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer, strategy):
+        self.model, self.optimizer, self.strategy = model, optimizer, strategy
+        self.healed: list[dict] = []        # what load_state_dict received (for logs and tests)
+
+    def state_dict(self) -> dict:
+        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "strategy": self.strategy.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.healed.append(state)
+
+
+def safe_http_transport(timeout: timedelta):
+    """torchft's HTTP checkpoint transport, but unpickling only what weights_only allows.
+
+    torchft loads a peer's state with weights_only=False (to carry arbitrary objects such as LR
+    schedulers). Ours is tensors, numbers, strings and the optimizer's plain dicts, so we keep the
+    project rule: nothing received from the network may run code when it is loaded.
+    """
+    import urllib.request
+
+    from torchft.checkpointing._serialization import _streaming_load
+    from torchft.checkpointing.http_transport import HTTPTransport
+
+    class SafeHTTPTransport(HTTPTransport):
+        @classmethod
+        def _load_from_address(cls, address: str, timeout: timedelta) -> object:
+            with urllib.request.urlopen(address, timeout=timeout.total_seconds()) as f:
+                return _streaming_load(f, weights_only=True)
+
+    return SafeHTTPTransport(timeout=timeout, num_chunks=0)
+
+
+def make_manager(replica_id: str, lighthouse_addr: str, replica: ReplicaState, min_replicas: int = 1,
+                 timeout_seconds: float = 10.0, quorum_timeout_seconds: float = 60.0):
+    """A torchft Manager for a one-process replica group, with its own TCPStore and gloo group.
+
+    Returns (manager, pg, store); keep the store alive as long as the manager.
+    `replica_id` should end in the replica index (torchft derives a global rank from its digits).
+    """
+    from torchft import Manager, ProcessGroupGloo
+
+    timeout = timedelta(seconds=timeout_seconds)
+    store = dist.TCPStore("localhost", 0, is_master=True, wait_for_workers=False)
+    pg = ProcessGroupGloo(timeout=timeout)
+    manager = Manager(pg=pg, min_replica_size=min_replicas, use_async_quorum=False,
+                      load_state_dict=replica.load_state_dict, state_dict=replica.state_dict,
+                      replica_id=replica_id, store_addr="localhost", store_port=store.port, rank=0,
+                      world_size=1, lighthouse_addr=lighthouse_addr, timeout=timeout,
+                      quorum_timeout=timedelta(seconds=quorum_timeout_seconds),
+                      connect_timeout=timeout, init_sync=False,
+                      checkpoint_transport=safe_http_transport(timeout))
+    return manager, pg, store
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """Bitwise fingerprint of a tensor (to compare replicas without keeping copies)."""
+    return hashlib.sha256(t.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def check_strategy(strategy) -> None:
+    """The driver commits whole rounds: one fragment, no synchronous warm-up steps."""
+    d = strategy.d
+    if d.fragments != 1 or d.warmup_sync_steps != 0:
+        raise ValueError("pretrain.distributed.diloco: the torchft driver needs fragments=1 and "
+                         f"warmup_sync_steps=0 (got {d.fragments}, {d.warmup_sync_steps})")
+
+
+def run_rounds(model: torch.nn.Module, strategy, optimizer, replica: ReplicaState, manager,
+               comm: ManagerComm, batch_of: Callable[[int], object],
+               loss_of: Callable[[torch.nn.Module, object], torch.Tensor], rounds: int,
+               on_round: Callable[[int], None] | None = None,
+               on_step: Callable[[int, float], None] | None = None,
+               max_failed_rounds: int = 20) -> list[dict]:
+    """Train until torchft has committed `rounds` rounds; returns one log entry per attempt
+    (round, world_size, rank, healed, committed, mean inner loss, seconds, quorum_seconds,
+    bytes_sent so far, global_sha256 = sha256 of the global parameters at the round start).
+
+    `strategy` is a DiLoCoStrategy built on `comm` and already set up on `model`.
+    """
+    from pipeline.lowcomm.loop import train_steps
+
+    check_strategy(strategy)
+    H = strategy.d.inner_steps
+    log: list[dict] = []
+    failed = 0
+    while manager.current_step() < rounds:
+        if on_round is not None:
+            on_round(manager.current_step())
+        t0 = time.monotonic()
+        healed_before = len(replica.healed)
+        manager.start_quorum()
+        quorum_seconds = time.monotonic() - t0
+        comm.begin_round()
+        r = manager.current_step()          # after a heal: the peer's count of committed rounds
+        if r >= rounds:
+            break
+        entry = {"round": r, "world_size": comm.world_size, "rank": comm.rank,
+                 "quorum_seconds": quorum_seconds,
+                 "healed": len(replica.healed) > healed_before,
+                 "global_sha256": tensor_sha256(strategy.state["fragments"][0]["global"])}
+        snapshot = replica.state_dict()
+        losses: list[float] = []
+
+        def step_hook(step: int, loss: float) -> None:
+            losses.append(loss)
+            if on_step is not None:
+                on_step(step, loss)
+
+        train_steps(model, strategy, optimizer, batch_of, loss_of, r * H, (r + 1) * H, on_step=step_hook)
+        committed = manager.should_commit()
+        if not committed:
+            replica.load_state_dict(snapshot)
+            replica.healed.pop()            # a rollback is not a heal
+            failed += 1
+            if failed > max_failed_rounds:
+                raise RuntimeError(f"torchft: {failed} rounds in a row failed to commit; last error "
+                                   f"{manager.errored()}")
+        else:
+            failed = 0
+        entry.update(committed=committed, loss=sum(losses) / len(losses), seconds=time.monotonic() - t0,
+                     bytes_sent=comm.bytes_sent)
+        log.append(entry)
+    return log
