@@ -8,6 +8,9 @@ document can contain them, whatever the recipe), and python-docs / python-code d
 which `tokenize.is_val(doc, val_per_mille)` is true under the tiny recipe (the tokenize stage
 puts them in val.npy, never in train.npy). Everything is seeded by fixed strings, so the files
 depend only on this script, the manifest and the Python stdlib the builtin sources read.
+Held-out documents still share boilerplate with training ones (a module's docstrings, common
+idioms); the tokenize stage cuts every 13-token n-gram of these items out of training
+(`tokenize.decontaminate_tasks`), so the contamination report shows zero for every task.
 """
 
 from __future__ import annotations
@@ -92,8 +95,11 @@ def arithmetic_rows() -> list[dict]:
 def code_mc_rows() -> list[dict]:
     """The true next line of held-out code against lines drawn from elsewhere in the held-out code.
 
-    The context ends with the true line's indentation, and every choice is stripped of leading
-    whitespace, so indentation alone does not give the answer away.
+    Every choice is "\n" + the true line's indentation + a stripped line, so indentation alone
+    does not give the answer away. The context ends before that newline, not after the
+    indentation: lm-eval's hf model moves trailing whitespace of a context into the continuation
+    but its gguf model does not (it drops the token that straddles the boundary), so a context
+    ending in whitespace would score different tokens under the two.
     """
     files = [doc.splitlines() for doc in heldout_documents("python-code")]
     candidates = [(f, i) for f, lines in enumerate(files) for i, line in enumerate(lines)
@@ -104,11 +110,12 @@ def code_mc_rows() -> list[dict]:
     for n, (f, i) in enumerate(sorted(rng.sample(candidates, min(CODE_MC_ITEMS, len(candidates))))):
         lines, true = files[f], files[f][i]
         indent = true[: len(true) - len(true.lstrip())]
-        context = "\n".join(lines[i - CODE_CONTEXT_LINES:i]) + "\n" + indent
+        context = "\n".join(lines[i - CODE_CONTEXT_LINES:i])
         wrong = rng.sample([p for p in pool if p != true.strip()], N_CHOICES - 1)
         choices = [true.strip()] + wrong
         rng.shuffle(choices)
-        rows.append({"id": f"code-{n}", "context": context, "choices": choices, "label": choices.index(true.strip())})
+        rows.append({"id": f"code-{n}", "context": context, "choices": ["\n" + indent + c for c in choices],
+                     "label": choices.index(true.strip())})
     return rows
 
 

@@ -5,6 +5,15 @@ each document followed by <|endoftext|>; open with `np.load(path, mmap_mode="r")
 `train_docs.npy`, `val_docs.npy` (int64 start offsets of each document, plus the end). A document
 is held out when a hash of its text falls under `val_per_mille`, so the split is fixed by content,
 not by order. `tokenize.json` records dtype, counts and the sha256 of every file.
+
+Decontamination: held-out documents still share boilerplate with training ones (a module's
+docstrings are in python-docs, its code in python-code; `def __exit__(self, *args)` is in every
+other file), so an eval item drawn from them would overlap training. Every training window of
+`decontaminate_ngram` tokens that equals an n-gram of a local eval item (pipeline.ngrams, the
+contamination report's own definition, with this run's tokenizer) is cut out, and the document
+is split there into pieces that each end with <|endoftext|>. No window of the remaining stream
+equals an eval n-gram (a window across a cut holds the EOS, which no item contains), whatever
+part of it training later sees. The val split is left whole.
 """
 
 from __future__ import annotations
@@ -17,9 +26,11 @@ from tqdm import tqdm
 
 from pipeline import tokenizer as tokmod
 from pipeline.config import Recipe, load_manifest
+from pipeline.errors import RecipeError
 from pipeline.ingest import OUT as INGEST_DIR, read_documents
 from pipeline.io import atomic_dir, sha256_file, write_json
 from pipeline.lineage import provenance
+from pipeline.ngrams import covered_by, eval_texts, item_ngrams
 
 OUT = Path("artifacts/tokenize")
 
@@ -42,19 +53,60 @@ def split_documents(docs: list[str], per_mille: int) -> tuple[list[str], list[st
     return train, val
 
 
+def eval_ngrams(tok, tasks_dir: Path, n: int) -> np.ndarray:
+    """Sorted unique hashes of the n-grams of every local eval item, tokenized as the report does."""
+    texts = eval_texts(tasks_dir)
+    grams = [item_ngrams(enc.ids, n) for enc in tok.encode_batch(texts, add_special_tokens=False)]
+    return np.unique(np.concatenate(grams)) if grams else np.zeros(0, np.uint64)
+
+
+def keep_masks(docs_ids: list[np.ndarray], banned: np.ndarray | None, n: int, sep: int) -> list[np.ndarray | None]:
+    """Per document, which tokens survive decontamination (None: all of them).
+
+    One pass over the batch joined with `sep` (the EOS id, which no eval item contains, so no
+    window across two documents can be banned) instead of one small numpy pass per document."""
+    if banned is None or not docs_ids:
+        return [None] * len(docs_ids)
+    lens = np.array([len(x) + 1 for x in docs_ids], dtype=np.int64)
+    sep_arr = np.array([sep], dtype=np.int64)
+    keep = ~covered_by(np.concatenate([a for x in docs_ids for a in (x, sep_arr)]), banned, n)
+    ends = np.cumsum(lens)
+    return [None if keep[e - ln:e - 1].all() else keep[e - ln:e - 1] for e, ln in zip(ends, lens)]
+
+
+def cut_pieces(ids: np.ndarray, keep: np.ndarray | None) -> list[np.ndarray]:
+    """The runs of `ids` where `keep` is true (the whole document when `keep` is None)."""
+    if keep is None:
+        return [ids]
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], keep.astype(np.int8), [0]))))
+    return [ids[a:b] for a, b in zip(edges[::2], edges[1::2])]
+
+
 def encode_to_npy(tok, docs: list[str], eos: int, dtype: np.dtype, path: Path, docs_path: Path,
-                  batch_docs: int, desc: str) -> tuple[int, int]:
+                  batch_docs: int, desc: str, banned: np.ndarray | None = None, n: int = 13,
+                  cuts: dict | None = None) -> tuple[int, int]:
     """Encode in batches (the tokenizers library spreads each batch over all cores) and stream
-    the ids to a raw file, then wrap it as .npy. Returns (tokens, documents)."""
+    the ids to a raw file, then wrap it as .npy. Returns (tokens, documents).
+
+    With `banned` (sorted n-gram hashes), windows equal to one are cut out (see the module
+    docstring); each piece counts as a document, and `cuts` receives what was removed."""
     raw = path.with_suffix(".raw")
     starts = [0]
+    removed = cut_docs = 0
     with open(raw, "wb") as f, tqdm(total=len(docs), desc=desc, unit="doc", leave=False) as bar:
         for i in range(0, len(docs), batch_docs):
-            for enc in tok.encode_batch(docs[i:i + batch_docs], add_special_tokens=False):
-                ids = np.asarray(enc.ids + [eos], dtype=dtype)
-                f.write(ids.tobytes())
-                starts.append(starts[-1] + len(ids))
+            encs = tok.encode_batch(docs[i:i + batch_docs], add_special_tokens=False)
+            docs_ids = [np.asarray(e.ids, dtype=np.int64) for e in encs]
+            for ids, keep in zip(docs_ids, keep_masks(docs_ids, banned, n, eos)):
+                if keep is not None:
+                    removed, cut_docs = removed + int((~keep).sum()), cut_docs + 1
+                for piece in cut_pieces(ids, keep):
+                    ids = np.append(piece, eos).astype(dtype)
+                    f.write(ids.tobytes())
+                    starts.append(starts[-1] + len(ids))
             bar.update(min(batch_docs, len(docs) - i))
+    if cuts is not None:
+        cuts.update(tokens_removed=removed, documents_cut=cut_docs)
     n = starts[-1]
     with open(path, "wb") as out, open(raw, "rb") as src:
         np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(dtype),
@@ -64,6 +116,25 @@ def encode_to_npy(tok, docs: list[str], eos: int, dtype: np.dtype, path: Path, d
     raw.unlink()
     np.save(docs_path, np.asarray(starts, dtype=np.int64))
     return n, len(starts) - 1
+
+
+def decontamination_set(recipe: Recipe, tok) -> tuple[np.ndarray | None, dict]:
+    """The banned n-gram hashes (None when off) and what they were built from, for tokenize.json."""
+    from pipeline.config import recipe_path
+    from pipeline.ngrams import task_files
+
+    cfg = recipe.tokenize
+    if cfg.decontaminate_tasks is None:
+        return None, {"enabled": False}
+    tasks_dir = Path(cfg.decontaminate_tasks)
+    if not tasks_dir.is_dir():
+        raise RecipeError(recipe_path(recipe), "tokenize.decontaminate_tasks",
+                          f"{tasks_dir} is not a directory of lm-eval task YAMLs (set it to null to "
+                          "train without decontamination)")
+    files = sorted({str(p) for p in task_files(tasks_dir).values() if p.is_file()})
+    banned = eval_ngrams(tok, tasks_dir, cfg.decontaminate_ngram)
+    return banned, {"enabled": True, "tasks_dir": str(tasks_dir), "ngram": cfg.decontaminate_ngram,
+                    "eval_ngrams": int(len(banned)), "files": {f: sha256_file(Path(f)) for f in files}}
 
 
 def run(recipe: Recipe, ingest_dir: Path = INGEST_DIR, tokenizer_dir: Path = tokmod.OUT,
@@ -77,6 +148,8 @@ def run(recipe: Recipe, ingest_dir: Path = INGEST_DIR, tokenizer_dir: Path = tok
     manifest = load_manifest(recipe.data.manifest)
     report = {"dtype": dtype.name, "vocab_size": vocab, "eos_id": eos,
               "tokenizer_sha256": sha256_file(tokenizer_dir / "tokenizer.json"), "sources": {}}
+    banned, report["decontamination"] = decontamination_set(recipe, tok)
+    n_gram = recipe.tokenize.decontaminate_ngram
     with atomic_dir(out_dir) as tmp:
         for src in tqdm(manifest.sources, desc="tokenize", unit="source"):
             docs = read_documents(src.name, ingest_dir)
@@ -85,14 +158,19 @@ def run(recipe: Recipe, ingest_dir: Path = INGEST_DIR, tokenizer_dir: Path = tok
             entry = {}
             for split, part in (("train", train), ("val", val)):
                 path, dpath = tmp / src.name / f"{split}.npy", tmp / src.name / f"{split}_docs.npy"
+                cuts: dict = {}
                 n, nd = encode_to_npy(tok, part, eos, dtype, path, dpath, recipe.tokenize.batch_docs,
-                                      f"{src.name}/{split}")
+                                      f"{src.name}/{split}", banned=banned if split == "train" else None,
+                                      n=n_gram, cuts=cuts)
                 entry[split] = {"file": f"{src.name}/{split}.npy", "tokens": n, "documents": nd,
                                 "sha256": sha256_file(path), "docs_file": f"{src.name}/{split}_docs.npy",
                                 "docs_sha256": sha256_file(dpath)}
+                if split == "train" and banned is not None:
+                    entry[split]["decontaminated"] = cuts
             report["sources"][src.name] = entry
         write_json(tmp / "tokenize.json", report)
         write_json(tmp / "provenance.json", provenance(
             "tokenize", recipe, {"ingest": sha256_file(ingest_dir / "ingest.json"),
-                                 "tokenizer": report["tokenizer_sha256"]}))
+                                 "tokenizer": report["tokenizer_sha256"],
+                                 **report["decontamination"].get("files", {})}))
     return report

@@ -81,12 +81,15 @@ def test_trained_model_beats_random_init(evaluated):
 
 
 @pytest.mark.e2e
-def test_contamination_heldout_arithmetic_is_clean(evaluated):
+def test_contamination_every_heldout_task_is_clean(evaluated):
+    """The tokenize stage cut eval n-grams out of training, so no held-out task overlaps (tests/test_decontamination.py)."""
     work, _ = evaluated
     c = json.loads((work / "artifacts/evaluate/contamination.json").read_text())
-    assert c["ngram"] == 13 and c["training_steps"] == 80
+    assert c["ngram"] == 13 and c["training_steps"] == 80 and c["training_decontamination"]["enabled"]
     for task in ("omp_arith_mc", "omp_arith_gen", "omp_ppl_arithmetic"):
         assert c["tasks"][task] == {**c["tasks"][task], "items": 200, "overlapping": 0}
+    assert {t: v["overlapping"] for t, v in c["tasks"].items()} == {t: 0 for t in c["tasks"]}
+    assert c["tasks"]["omp_code_mc"]["items"] == 120 and c["tasks"]["omp_ppl_python_code"]["items"] == 40
 
 
 def test_contamination_flags_an_item_copied_from_training(micro_data, tmp_path):

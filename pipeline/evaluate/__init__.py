@@ -2,8 +2,9 @@
 
 Variants are found on disk: `artifacts/pretrain/final` (pretrain), `artifacts/posttrain/final`
 (posttrain) and each entry of `artifacts/quantize/report.json` (HF directories; GGUF files go
-through lm-eval's `gguf` model, which needs a llama.cpp server, so they are skipped with a
-message unless `evaluate.gguf_base_url` is set).
+through lm-eval's `gguf` model, which needs a llama.cpp server: with `evaluate.gguf_server_python`
+each GGUF is served in turn (gguf_server.py), with `evaluate.gguf_base_url` a server you run is
+used; otherwise they are skipped with a message).
 
 Output `artifacts/evaluate/`:
   results/<variant>.json   lm-eval's results (versions, configs, n-samples) + `omp` (model sha256)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,22 +151,31 @@ def merge_results(a: dict | None, b: dict) -> dict:
     return a
 
 
-def evaluate_variant(variant: Variant, cfg, tm, std_tm=None, seed: int = 0) -> tuple[dict, dict, list[str]]:
-    """lm-eval results (its own format + `omp`), per-item scores, and notes on what was skipped."""
+def evaluate_variant(variant: Variant, cfg, tm, std_tm=None, seed: int = 0,
+                     base_url: str | None = None) -> tuple[dict, dict, list[str]]:
+    """lm-eval results (its own format + `omp`), per-item scores, and notes on what was skipped.
+    `base_url`: the llama.cpp server serving a GGUF variant."""
     from lm_eval import simple_evaluate
 
     notes: list[str] = []
     start = time.perf_counter()
+    tasks = list(cfg.tasks)
     if variant.format == "gguf":
-        if not cfg.gguf_base_url:
+        if not base_url:
             return {}, {}, [f"{variant.name}: GGUF {variant.path} skipped: lm-eval's gguf model needs a "
-                            "llama.cpp server (set evaluate.gguf_base_url)"]
-        lm_args = dict(model="gguf", model_args={"base_url": cfg.gguf_base_url})
+                            "llama.cpp server (set evaluate.gguf_server_python or evaluate.gguf_base_url)"]
+        from pipeline.evaluate.gguf_server import gguf_tasks
+
+        tasks, rolling = gguf_tasks(tm, tasks)
+        if rolling:
+            notes.append(f"{variant.name}: {', '.join(rolling)} skipped: lm-eval's gguf model has no "
+                         "loglikelihood_rolling (perplexity)")
+        lm_args = dict(model="gguf", model_args={"base_url": base_url})
     else:
         lm_args = dict(model=load_lm(variant, cfg.batch_size))
     common = dict(limit=cfg.limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
                   torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
-    result = simple_evaluate(**lm_args, tasks=list(cfg.tasks), task_manager=tm, **common)
+    result = simple_evaluate(**lm_args, tasks=tasks, task_manager=tm, **common)
     if variant.chat and cfg.chat_tasks and variant.format == "hf":
         chat = simple_evaluate(**lm_args, tasks=list(cfg.chat_tasks), task_manager=tm,
                                apply_chat_template=True, **common)
@@ -217,9 +228,25 @@ def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dic
         check_tasks(std_tm, list(cfg.standard_tasks), rfile, "evaluate.standard_tasks")
 
     results, scores, notes = {}, {}, []
+    gguf_why = None
+    if any(v.format == "gguf" for v in variants) and not cfg.gguf_base_url:
+        from pipeline.evaluate.gguf_server import usable_python
+
+        gguf_why = usable_python(cfg.gguf_server_python)
     for v in variants:
         print(f"evaluate: {v.name} ({v.path})")
-        res, sc, nt = evaluate_variant(v, cfg, tm, std_tm, seed=recipe.seed)
+        if v.format == "gguf" and gguf_why:
+            nt = [f"{v.name}: GGUF {v.path} skipped: {gguf_why} (lm-eval's gguf model needs a llama.cpp "
+                  "server: point it at a Python with llama-cpp-python[server], or set evaluate.gguf_base_url)"]
+            res, sc = {}, {}
+        elif v.format == "gguf" and not cfg.gguf_base_url:
+            from pipeline.evaluate.gguf_server import served
+
+            with tempfile.TemporaryDirectory() as logs, \
+                    served(cfg.gguf_server_python, v.path, Path(logs) / "server.log", threads=os.cpu_count() or 2) as url:
+                res, sc, nt = evaluate_variant(v, cfg, tm, std_tm, seed=recipe.seed, base_url=url)
+        else:
+            res, sc, nt = evaluate_variant(v, cfg, tm, std_tm, seed=recipe.seed, base_url=cfg.gguf_base_url)
         notes += nt
         for n in nt:
             print(f"evaluate: {n}")

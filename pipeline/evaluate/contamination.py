@@ -9,26 +9,15 @@ n tokens counts as one n-gram of its own length (the whole item must occur in tr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 from tqdm import tqdm
 
 from pipeline.data import PublishedOrder
-
-MIN_DISTINCT_FRACTION = 0.5  # an n-gram counts only with at least n/2 distinct tokens
-_MULT = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier: a polynomial hash mod 2^64
-
-
-def ngram_hashes(windows: np.ndarray) -> np.ndarray:
-    """Hash each row of an (m, n) integer array to a uint64 (order-sensitive)."""
-    h = np.zeros(windows.shape[0], dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(windows.shape[1]):
-            h = h * _MULT + windows[:, j].astype(np.uint64) + np.uint64(1)
-    return h
+from pipeline.io import read_json
+from pipeline.ngrams import (MIN_DISTINCT_FRACTION, item_ngrams, item_text, ngram_hashes,  # noqa: F401
+                             read_rows, seen_any, task_files)
 
 
 def training_ngrams(order: PublishedOrder, n: int, steps: int | None = None) -> np.ndarray:
@@ -40,50 +29,6 @@ def training_ngrams(order: PublishedOrder, n: int, steps: int | None = None) -> 
         win = np.lib.stride_tricks.sliding_window_view(batch, n, axis=1).reshape(-1, n)
         chunks.append(np.unique(ngram_hashes(win)))
     return np.unique(np.concatenate(chunks)) if chunks else np.zeros(0, np.uint64)
-
-
-def item_ngrams(ids: list[int], n: int) -> np.ndarray:
-    """Hashes of the item's n-grams, leaving out runs of few distinct tokens (indentation,
-    '*****' rules): they occur everywhere and say nothing about having seen the item."""
-    arr = np.asarray(ids, dtype=np.int64)
-    if len(arr) == 0:
-        return np.zeros(0, np.uint64)
-    win = arr[None, :] if len(arr) < n else np.lib.stride_tricks.sliding_window_view(arr, n)
-    srt = np.sort(win, axis=1)
-    distinct = 1 + (np.diff(srt, axis=1) != 0).sum(axis=1)
-    keep = distinct >= min(MIN_DISTINCT_FRACTION * n, win.shape[1])
-    return ngram_hashes(win[keep])
-
-
-def seen_any(grams: np.ndarray, train_sorted: np.ndarray) -> bool:
-    """Whether any hash occurs in the sorted training hashes (binary search, no re-sorting)."""
-    if len(grams) == 0 or len(train_sorted) == 0:
-        return False
-    pos = np.minimum(np.searchsorted(train_sorted, grams), len(train_sorted) - 1)
-    return bool((train_sorted[pos] == grams).any())
-
-
-def item_text(row: dict) -> str:
-    """The text the model is shown and scored on for one eval row."""
-    if "text" in row:
-        return row["text"]
-    if "context" in row:
-        return row["context"] + row["choices"][row["label"]]
-    return f"Q: {row['question']}\nA: {row['answer']}"
-
-
-def task_files(tasks_dir: Path) -> dict[str, Path]:
-    """task name -> the local jsonl it reads (tasks with `dataset_kwargs.data_files.test`)."""
-    out = {}
-    for y in sorted(tasks_dir.glob("*.yaml")):
-        try:
-            cfg = yaml.safe_load(y.read_text(encoding="utf-8"))
-        except yaml.YAMLError:
-            continue
-        files = ((cfg or {}).get("dataset_kwargs") or {}).get("data_files") or {}
-        if isinstance(files, dict) and "test" in files and "task" in cfg:
-            out[cfg["task"]] = Path(files["test"])
-    return out
 
 
 def report(artifacts: Path, data_dir: Path, n: int, tasks_dir: Path = Path("evals/tasks")) -> dict:
@@ -99,7 +44,7 @@ def report(artifacts: Path, data_dir: Path, n: int, tasks_dir: Path = Path("eval
     for task, path in task_files(tasks_dir).items():
         if not path.is_file():
             continue
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = read_rows(path)
         hits = []
         for row in rows:
             grams = item_ngrams(tok(item_text(row), add_special_tokens=False)["input_ids"], n)
@@ -107,5 +52,7 @@ def report(artifacts: Path, data_dir: Path, n: int, tasks_dir: Path = Path("eval
                 hits.append(row.get("id"))
         tasks[task] = {"items": len(rows), "overlapping": len(hits), "overlapping_ids": hits[:20],
                        "file": str(path)}
-    return {"ngram": n, "training_steps": order.steps, "training_tokens": order.steps * order.batch_size * order.seq_len,
+    decon = read_json(tokenize / "tokenize.json").get("decontamination", {"enabled": False})
+    decon = {k: v for k, v in decon.items() if k != "files"}
+    return {"ngram": n, "training_decontamination": decon, "training_steps": order.steps, "training_tokens": order.steps * order.batch_size * order.seq_len,
             "unique_training_ngrams": int(len(train)), "tasks": tasks}
