@@ -156,7 +156,7 @@ def main() -> None:
                         "(held-out 4.187 at lr 1e-3 vs 4.217 at the best cosine lr, 4e-3)")
     p.add_argument("--blend", default="artifacts/blend")
     p.add_argument("--tokenize", default="artifacts/tokenize")
-    p.add_argument("--ddp-lrs", default="0.0005,0.001,0.002")
+    p.add_argument("--ddp-lrs", default="0.001,0.002,0.003")
     p.add_argument("--outer", default="0.7:0.9,1.0:0.0,1.3:0.0",
                    help="outer lr:momentum pairs swept at --tune-h / --tune-kind")
     p.add_argument("--tune-h", type=int, default=192)
