@@ -62,6 +62,19 @@ def dvc_lock_stages(path: Path = Path("dvc.lock")) -> dict:
     return (yaml.safe_load(path.read_text()) or {}).get("stages", {})
 
 
+def _decontamination(artifacts: Path) -> dict:
+    """tokenize.json's record of the eval files training was decontaminated against ({} if none)."""
+    from pipeline.io import read_json, sha256_file
+
+    p = Path(artifacts) / "tokenize" / "tokenize.json"
+    deco = read_json(p).get("decontamination", {}) if p.is_file() else {}
+    if not deco.get("enabled"):
+        return {"enabled": False}
+    tasks = Path(deco["tasks_dir"])
+    files = {str(y): sha256_file(y) for y in sorted(tasks.glob("*.yaml"))}
+    return {**deco, "files": {**files, **deco["files"]}}
+
+
 def chain_lineage(recipe: Recipe, artifacts: Path = Path("artifacts")) -> dict:
     """The whole experiment chain of a run: code, recipe, data manifests and locks (text + sha256),
     dvc.lock stage hashes, the published order's hashes and every checkpoint's sha256 and parent.
@@ -109,7 +122,9 @@ def chain_lineage(recipe: Recipe, artifacts: Path = Path("artifacts")) -> dict:
         "dvc_lock": dvc_lock_stages(),
         "data": {"indices_sha256": blend["indices_sha256"], "blend_json_sha256": sha256_file(artifacts / "blend" / "blend.json"),
                  "token_files": blend["token_files"], "tokenizer_sha256": blend["tokenizer_sha256"],
-                 "seed": blend["seed"], "steps": blend["steps"]},
+                 "seed": blend["seed"], "steps": blend["steps"],
+                 # the eval items the training split was decontaminated against: training inputs too
+                 "decontamination": _decontamination(artifacts)},
         "checkpoints": checkpoints,
         "platform": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
     }

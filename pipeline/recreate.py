@@ -11,6 +11,7 @@ bitwise equal, the max abs difference, and a verdict on the last line. Exit 0 on
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,25 @@ def verify_published(lineage: dict, release: Path | None) -> None:
             if p.is_file() and sha256_file(p) != lineage["data"][key]:
                 raise DataIntegrityError(f"{p}: sha256 {sha256_file(p)[:16]}… does not match lineage.json "
                                          f"{key} {lineage['data'][key][:16]}…; the published data order was altered")
+
+
+def place_decontamination_files(lineage: dict, release: Path | None, wd: Path) -> None:
+    """The eval files training was decontaminated against, from the release (or this checkout),
+    each checked against its sha256 in the lineage: a different file would cut other tokens."""
+    files = lineage["data"].get("decontamination", {}).get("files", {})
+    for rel_path, want in files.items():
+        src = next((p for p in ((release / rel_path) if release else None, Path.cwd() / rel_path)
+                    if p is not None and p.is_file()), None)
+        if src is None:
+            raise DataIntegrityError(f"lineage.json: decontamination file {rel_path} is neither in the release "
+                                     "nor in this checkout")
+        if sha256_file(src) != want:
+            raise DataIntegrityError(f"{src}: sha256 {sha256_file(src)[:16]}… does not match lineage.json "
+                                     f"{want[:16]}…; training was decontaminated against another version")
+        (wd / rel_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, wd / rel_path)
+    if not files and (Path.cwd() / "evals").is_dir() and not (wd / "evals").exists():
+        os.symlink(Path.cwd() / "evals", wd / "evals")   # the evaluate stage reads the local tasks
 
 
 def _run_stage(stage: str, workdir: Path) -> None:
@@ -144,8 +164,7 @@ def run(target: Path, until: str | None = None, workdir: Path | None = None, tol
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(m["text"], encoding="utf-8")
     (wd / "recipe.yaml").write_text(yaml.safe_dump(lineage["recipe"], sort_keys=False), encoding="utf-8")
-    if (Path.cwd() / "evals").is_dir() and not (wd / "evals").exists():
-        os.symlink(Path.cwd() / "evals", wd / "evals")
+    place_decontamination_files(lineage, release, wd)
     for stage in DATA_STAGES:
         _run_stage(stage, wd)
     check_data(lineage, wd)

@@ -189,6 +189,10 @@ def run(recipe: Recipe, out_dir: Path = OUT) -> Path:
         (rel / "data").mkdir()
         for f in ("indices.npy", "blend.json"):
             shutil.copyfile(ART / "blend" / f, rel / "data" / f)
+        # training was decontaminated against these eval files: recreating the tokens needs them
+        for f in lineage["data"]["decontamination"].get("files", {}):
+            (rel / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, rel / f)
         (rel / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(recipe), sort_keys=False), encoding="utf-8")
         lineage["model_sha256"] = sha256_file(rel / "model.safetensors")
         write_json(rel / "lineage.json", lineage)

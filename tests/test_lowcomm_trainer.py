@@ -24,13 +24,20 @@ pretrain:
 """
 
 
+ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def pretrain_with(work, name: str, recipe: str, *extra: str) -> dict:
+    """`omp pretrain` in `work` on the recipe text `recipe` (saved as tests/recipes/<name>.yaml)."""
+    (work / f"tests/recipes/{name}.yaml").write_text(recipe)
+    omp("pretrain", "--recipe", f"tests/recipes/{name}.yaml", *extra, cwd=work, env=ENV)
+    return read_json(work / "artifacts/pretrain/metrics.json")
+
+
 @pytest.mark.e2e
 def test_trainer_runs_diloco_int4_on_two_workers(micro_data, copy_workdir):
     work = copy_workdir(micro_data)
-    (work / "tests/recipes/micro_diloco.yaml").write_text(RECIPE)
-    omp("pretrain", "--recipe", "tests/recipes/micro_diloco.yaml", cwd=work,
-        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    m = read_json(work / "artifacts/pretrain/metrics.json")
+    m = pretrain_with(work, "micro_diloco", RECIPE)
     assert m["mode"] == "diloco" and m["world_size"] == 2
     # 4 outer syncs, each an int4 message (packed payload + fp32 scale per 64) and nothing else
     assert m["comm"]["by_kind"] == {"pseudo_grad": 4 * message_nbytes(m["params"], "int4", 64)}
@@ -46,8 +53,7 @@ def test_trainer_runs_diloco_int4_on_two_workers(micro_data, copy_workdir):
     assert fr["global"].numel() == m["params"] and fr["residual"].abs().sum() > 0   # int4 error feedback
     # a restart from the sync at step 30 ends with the uninterrupted run's weights, bit for bit
     final = sha256_file(work / "artifacts/pretrain/final/model.safetensors")
-    omp("pretrain", "--recipe", "tests/recipes/micro_diloco.yaml", "--resume", str(root / "step-0000030"),
-        cwd=work, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    pretrain_with(work, "micro_diloco", RECIPE, "--resume", str(root / "step-0000030"))
     assert sha256_file(work / "artifacts/pretrain/final/model.safetensors") == final
 
 
@@ -67,11 +73,7 @@ pretrain:
 
 @pytest.mark.e2e
 def test_trainer_runs_demo_on_two_workers(micro_data, copy_workdir):
-    work = copy_workdir(micro_data)
-    (work / "tests/recipes/micro_demo.yaml").write_text(DEMO)
-    omp("pretrain", "--recipe", "tests/recipes/micro_demo.yaml", cwd=work,
-        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    m = read_json(work / "artifacts/pretrain/metrics.json")
+    m = pretrain_with(copy_workdir(micro_data), "micro_demo", DEMO)
     assert m["mode"] == "demo" and m["world_size"] == 2
     # every step all-gathers, per chunk of 64 entries (chunks do not cross tensors), 8 uint8 positions
     # and 8 fp32 values: (1 + 4) * 8 / 64 = 0.625 bytes per parameter per step, vs ddp's 4

@@ -44,6 +44,10 @@ def test_release_layout_and_lineage(released):
     assert any((rel / "quantized").iterdir()) and any((rel / "gguf").glob("*.gguf"))
     lin = read_json(rel / "lineage.json")
     assert lin["data"]["indices_sha256"] == sha256_file(rel / "data/indices.npy")
+    # training was decontaminated against the local eval files: they ship with the release, hashed
+    deco = lin["data"]["decontamination"]
+    assert deco["enabled"] and "evals/data/code_mc.jsonl" in deco["files"]
+    assert all(sha256_file(rel / f) == h for f, h in deco["files"].items())
     assert lin["model_sha256"] == sha256_file(rel / "model.safetensors")
     chk = {c["name"]: c for c in lin["checkpoints"]}
     assert chk["posttrain"]["parent"] == chk["pretrain"]["sha256"] == sha256_file(rel / "base/model.safetensors")
