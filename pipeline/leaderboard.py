@@ -66,6 +66,18 @@ def _delta(variant: str, task: str, cells: dict, baseline: str) -> float | None:
     return cells[variant][task][1] - cells[baseline][task][1]
 
 
+def _cell(variant: str, task: str, cells: dict, baseline: str) -> tuple[str, float, float | None] | None:
+    """(metric, value, delta against the baseline) of one leaderboard cell; None when not measured."""
+    if task not in cells[variant]:
+        return None
+    metric, value = cells[variant][task]
+    return metric, value, _delta(variant, task, cells, baseline)
+
+
+def _metric_of(task: str, cells: dict) -> str:
+    return next(cells[v][task][0] for v in cells if task in cells[v])
+
+
 def _fmt(metric: str, value: float) -> str:
     return f"{value:.4f}" if metric in LOWER_IS_BETTER else f"{value:.3f}"
 
@@ -78,17 +90,16 @@ def _arrow(metric: str, delta: float) -> str:
 def markdown(results: dict, arena: dict | None = None, contamination: dict | None = None,
              baseline: str = BASELINE) -> str:
     tasks, cells = table(results)
-    metric_of = {t: next(cells[v][t][0] for v in cells if t in cells[v]) for t in tasks}
-    lines = [f"| variant | {' | '.join(f'{t} ({metric_of[t]})' for t in tasks)} |",
+    lines = [f"| variant | {' | '.join(f'{t} ({_metric_of(t, cells)})' for t in tasks)} |",
              "|---" * (len(tasks) + 1) + "|"]
     for v in results:
         parts = []
         for t in tasks:
-            if t not in cells[v]:
+            c = _cell(v, t, cells, baseline)
+            if c is None:
                 parts.append("–")
                 continue
-            m, val = cells[v][t]
-            d = _delta(v, t, cells, baseline)
+            m, val, d = c
             parts.append(_fmt(m, val) + (f" ({f'{d:+.3f} {_arrow(m, d)}'.strip()})" if d is not None else ""))
         lines.append(f"| {v} | {' | '.join(parts)} |")
     out = ["## Leaderboard", "", f"Deltas against `{baseline}`; bits_per_byte: lower is better.", "", *lines]
@@ -135,17 +146,16 @@ def render_html(results: dict, arena: dict | None = None, contamination: dict | 
                 baseline: str = BASELINE, chart: str | None = "leaderboard.png") -> str:
     tasks, cells = table(results)
     e = html.escape
-    head = "".join(f"<th>{e(t)}<br><small>{e(next(cells[v][t][0] for v in cells if t in cells[v]))}</small></th>"
-                   for t in tasks)
+    head = "".join(f"<th>{e(t)}<br><small>{e(_metric_of(t, cells))}</small></th>" for t in tasks)
     rows = []
     for v in results:
         tds = [f"<td>{e(v)}</td>"]
         for t in tasks:
-            if t not in cells[v]:
+            c = _cell(v, t, cells, baseline)
+            if c is None:
                 tds.append('<td data-v="NaN">–</td>')
                 continue
-            m, val = cells[v][t]
-            d = _delta(v, t, cells, baseline)
+            m, val, d = c
             delta = ""
             if d is not None:
                 cls = "up" if _arrow(m, d) == "▲" else "down" if _arrow(m, d) == "▼" else ""

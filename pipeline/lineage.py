@@ -63,16 +63,11 @@ def dvc_lock_stages(path: Path = Path("dvc.lock")) -> dict:
 
 
 def _decontamination(artifacts: Path) -> dict:
-    """tokenize.json's record of the eval files training was decontaminated against ({} if none)."""
-    from pipeline.io import read_json, sha256_file
+    """tokenize.json's record of the eval files training was decontaminated against."""
+    from pipeline.io import read_json
 
     p = Path(artifacts) / "tokenize" / "tokenize.json"
-    deco = read_json(p).get("decontamination", {}) if p.is_file() else {}
-    if not deco.get("enabled"):
-        return {"enabled": False}
-    tasks = Path(deco["tasks_dir"])
-    files = {str(y): sha256_file(y) for y in sorted(tasks.glob("*.yaml"))}
-    return {**deco, "files": {**files, **deco["files"]}}
+    return (read_json(p).get("decontamination") if p.is_file() else None) or {"enabled": False}
 
 
 def chain_lineage(recipe: Recipe, artifacts: Path = Path("artifacts")) -> dict:

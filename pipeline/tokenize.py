@@ -101,21 +101,21 @@ def encode_to_npy(tok, docs: list[str], eos: int, dtype: np.dtype, path: Path, d
                 if keep is not None:
                     removed, cut_docs = removed + int((~keep).sum()), cut_docs + 1
                 for piece in cut_pieces(ids, keep):
-                    ids = np.append(piece, eos).astype(dtype)
-                    f.write(ids.tobytes())
-                    starts.append(starts[-1] + len(ids))
+                    doc = np.append(piece, eos).astype(dtype)
+                    f.write(doc.tobytes())
+                    starts.append(starts[-1] + len(doc))
             bar.update(min(batch_docs, len(docs) - i))
     if cuts is not None:
         cuts.update(tokens_removed=removed, documents_cut=cut_docs)
-    n = starts[-1]
+    total = starts[-1]
     with open(path, "wb") as out, open(raw, "rb") as src:
         np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(dtype),
-                                                   "fortran_order": False, "shape": (n,)})
+                                                   "fortran_order": False, "shape": (total,)})
         while chunk := src.read(1 << 22):
             out.write(chunk)
     raw.unlink()
     np.save(docs_path, np.asarray(starts, dtype=np.int64))
-    return n, len(starts) - 1
+    return total, len(starts) - 1
 
 
 def decontamination_set(recipe: Recipe, tok) -> tuple[np.ndarray | None, dict]:
@@ -131,7 +131,9 @@ def decontamination_set(recipe: Recipe, tok) -> tuple[np.ndarray | None, dict]:
         raise RecipeError(recipe_path(recipe), "tokenize.decontaminate_tasks",
                           f"{tasks_dir} is not a directory of lm-eval task YAMLs (set it to null to "
                           "train without decontamination)")
-    files = sorted({str(p) for p in task_files(tasks_dir).values() if p.is_file()})
+    # the task YAMLs choose the data files, so both are inputs of the banned set
+    files = sorted({str(p) for p in task_files(tasks_dir).values() if p.is_file()}
+                   | {str(y) for y in tasks_dir.glob("*.yaml")})
     banned = eval_ngrams(tok, tasks_dir, cfg.decontaminate_ngram)
     return banned, {"enabled": True, "tasks_dir": str(tasks_dir), "ngram": cfg.decontaminate_ngram,
                     "eval_ngrams": int(len(banned)), "files": {f: sha256_file(Path(f)) for f in files}}

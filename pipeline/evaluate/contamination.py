@@ -16,8 +16,7 @@ from tqdm import tqdm
 
 from pipeline.data import PublishedOrder
 from pipeline.io import read_json
-from pipeline.ngrams import (MIN_DISTINCT_FRACTION, item_ngrams, item_text, ngram_hashes,  # noqa: F401
-                             read_rows, seen_any, task_files)
+from pipeline.ngrams import item_ngrams, item_text, ngram_hashes, read_rows, seen_any, task_files
 
 
 def training_ngrams(order: PublishedOrder, n: int, steps: int | None = None) -> np.ndarray:

@@ -128,10 +128,14 @@ class ReplicaState:
                 "optimizer": copy.deepcopy(self.optimizer.state_dict()),
                 "strategy": self.strategy.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.strategy.load_state_dict(state["strategy"])
+
+    def load_state_dict(self, state: dict) -> None:
+        """torchft's heal callback: a state fetched from a live peer."""
+        self.restore(state)
         self.healed.append(state)
 
 
@@ -235,8 +239,7 @@ def run_rounds(model: torch.nn.Module, strategy, optimizer, replica: ReplicaStat
         train_steps(model, strategy, optimizer, batch_of, loss_of, r * H, (r + 1) * H, on_step=step_hook)
         committed = manager.should_commit()
         if not committed:
-            replica.load_state_dict(snapshot)
-            replica.healed.pop()            # a rollback is not a heal
+            replica.restore(snapshot)
             failed += 1
             if failed > max_failed_rounds:
                 raise RuntimeError(f"torchft: {failed} rounds in a row failed to commit; last error "
