@@ -20,6 +20,7 @@ from pipeline.config import Recipe, load_manifest, recipe_path, recipe_sha256
 from pipeline.errors import DataIntegrityError, RecipeError
 from pipeline.io import atomic_dir, read_json, sha256_file, write_json
 from pipeline.lineage import provenance
+from pipeline.log import status
 
 OUT = Path("artifacts/blend")
 LOGIC_VERSION = 1  # bump when the way indices are built changes; recorded in blend.json
@@ -115,8 +116,8 @@ def run(recipe: Recipe, tokenize_dir: Path = tokstage.OUT, out_dir: Path = OUT) 
         plot_mixture(report, tmp / "blend.png")
     for s in sources:
         if s["upsampled"]:
-            print(f"note: source {s['name']!r} is upsampled: {s['epochs']:.2f} epochs "
-                  f"({s['sequences_available']} sequences available, {s['instances']} used)")
+            status(f"note: source {s['name']!r} is upsampled: {s['epochs']:.2f} epochs "
+                   f"({s['sequences_available']} sequences available, {s['instances']} used)")
     return report
 
 

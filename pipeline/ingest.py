@@ -19,6 +19,7 @@ from pipeline.config import Recipe, load_manifest
 from pipeline.errors import DataIntegrityError
 from pipeline.io import atomic_dir, canonical_json, read_json, sha256_bytes, sha256_file, write_json
 from pipeline.lineage import provenance
+from pipeline.log import status
 from pipeline.sources import iter_documents, select_documents
 
 OUT = Path("artifacts/ingest")
@@ -75,9 +76,9 @@ def run(recipe: Recipe, update_lock: bool = False, out_dir: Path = OUT) -> dict:
         write_json(lock_file, {"manifest": manifest.name, "sources": {
             n: {"sha256": s["sha256"], "documents": s["documents"], "bytes": s["bytes"], "python": report["python"]}
             for n, s in report["sources"].items()}})
-        print(f"wrote {lock_file}")
+        status(f"wrote {lock_file}")
     elif recipe.data.lock and unlocked:
-        print(f"warning: sources not locked in {lock_file}: {', '.join(unlocked)} "
+        status(f"warning: sources not locked in {lock_file}: {', '.join(unlocked)} "
               "(run `omp ingest --update-lock` to lock them)")
     return report
 

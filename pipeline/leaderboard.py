@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_bytes, atomic_write_text, read_json
+from pipeline.log import status
 
 BASELINE = "pretrain"
 # The one number shown per task, in order of preference; lower is better only for bits_per_byte.
@@ -253,7 +254,7 @@ def gather_experiments(cwd: Path = Path("."), path: str = "artifacts/evaluate/me
         try:
             metrics = json.loads(dvc.api.read(path, repo=str(cwd), rev=rev))
         except Exception as e:  # noqa: BLE001 - an experiment without an evaluate output is skipped
-            print(f"leaderboard: {rev}: no {path} ({type(e).__name__})")
+            status(f"leaderboard: {rev}: no {path} ({type(e).__name__})")
             continue
         for variant, tasks in metrics.items():
             out[f"{rev}/{variant}"] = {

@@ -25,6 +25,7 @@ from pipeline.config import Recipe, recipe_dict
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_json, sha256_file, write_json
 from pipeline.lineage import chain_lineage, provenance
+from pipeline.log import status
 
 OUT = Path("artifacts/release")
 ART = Path("artifacts")
@@ -41,14 +42,16 @@ def copy_model_dir(src: Path, dst: Path) -> None:
 
 def make_compatible(d: Path) -> None:
     """Fields transformers 4.x needs beside the ones transformers 5.x writes."""
-    tc = d / "tokenizer_config.json"
+    tc, cj = d / "tokenizer_config.json", d / "config.json"
     if tc.is_file():
         cfg = read_json(tc)
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        positions = read_json(cj).get("max_position_embeddings") if cj.is_file() else None
+        if positions:  # not the tokenizers default of 1e30 / 1e6: the model sees this many tokens
+            cfg["model_max_length"] = positions
         if "chat_template" not in cfg and (d / "chat_template.jinja").is_file():
             cfg["chat_template"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
         write_json(tc, cfg)
-    cj = d / "config.json"
     if cj.is_file():
         cfg = read_json(cj)
         rope = cfg.get("rope_parameters") or {}
@@ -199,5 +202,5 @@ def run(recipe: Recipe, out_dir: Path = OUT) -> Path:
         (rel / "README.md").write_text(model_card(recipe, lineage, name), encoding="utf-8")
         write_json(tmp / "provenance.json", provenance("release", recipe, {"model": lineage["model_sha256"],
                                                                           "indices": lineage["data"]["indices_sha256"]}))
-    print(f"release written to {out_dir / name}")
+    status(f"release written to {out_dir / name}")
     return out_dir / name

@@ -27,6 +27,7 @@ from pipeline.config import Recipe
 from pipeline.errors import PipelineError, RecipeError
 from pipeline.io import atomic_dir, canonical_json, read_json, sha256_bytes, sha256_tree, write_json
 from pipeline.lineage import provenance
+from pipeline.log import status
 
 OUT = Path("artifacts/evaluate")
 ARTIFACTS = Path("artifacts")
@@ -221,7 +222,7 @@ def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dic
     check_tasks(tm, list(cfg.tasks) + list(cfg.chat_tasks), rfile, "evaluate.tasks")
     std_tm, why = None, (offline() if cfg.standard_tasks else None)
     if why:
-        print(f"evaluate: standard tasks {', '.join(cfg.standard_tasks)} skipped: offline ({why}); "
+        status(f"evaluate: standard tasks {', '.join(cfg.standard_tasks)} skipped: offline ({why}); "
               "run with network to include them")
     elif cfg.standard_tasks:
         std_tm = task_manager(include, defaults=True)
@@ -234,7 +235,7 @@ def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dic
 
         gguf_why = usable_python(cfg.gguf_server_python)
     for v in variants:
-        print(f"evaluate: {v.name} ({v.path})")
+        status(f"evaluate: {v.name} ({v.path})")
         if v.format == "gguf" and gguf_why:
             nt = [f"{v.name}: GGUF {v.path} skipped: {gguf_why} (lm-eval's gguf model needs a llama.cpp "
                   "server: point it at a Python with llama-cpp-python[server], or set evaluate.gguf_base_url)"]
@@ -249,7 +250,7 @@ def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dic
             res, sc, nt = evaluate_variant(v, cfg, tm, std_tm, seed=recipe.seed, base_url=cfg.gguf_base_url)
         notes += nt
         for n in nt:
-            print(f"evaluate: {n}")
+            status(f"evaluate: {n}")
         if res:
             results[v.name], scores[v.name] = res, sc
 
