@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_publish)
     sp = sub.add_parser("recreate", help="rebuild a release's chain from its lineage and compare every tensor")
     sp.add_argument("target", type=Path, help="release directory or its lineage.json")
-    sp.add_argument("--until", choices=["pretrain", "posttrain", "quantize"], default=None)
+    sp.add_argument("--until", choices=["pretrain", "posttrain", "quantize"], default=None,
+                    help="last stage to rebuild and compare (default: the released variant's stage)")
     sp.add_argument("--workdir", type=Path, default=None, help="where to rebuild (default: a new temp dir)")
     sp.add_argument("--tolerance", type=float, default=0.0, help="max abs diff accepted (0: bitwise)")
     sp.set_defaults(fn=cmd_recreate)
