@@ -85,7 +85,8 @@ def cmd_leaderboard(args):
         results = leaderboard.load_results(Path(args.evaluate_dir) / "results")
     if not results:
         raise PipelineError("no evaluate results found")
-    baseline = args.baseline or ("HEAD/pretrain" if args.experiments else "pretrain")
+    baseline = args.baseline or ("pretrain" if not args.experiments else
+                                 "workspace/pretrain" if "workspace/pretrain" in results else "HEAD/pretrain")
     print(leaderboard.markdown(results, baseline=baseline))
     if args.out:
         out = Path(args.out)
