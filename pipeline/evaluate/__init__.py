@@ -48,7 +48,9 @@ def discover_variants(artifacts: Path = ARTIFACTS) -> list[Variant]:
     for name in ("pretrain", "posttrain"):
         d = artifacts / name / "final"
         if (d / "config.json").is_file():
-            found.append(Variant(name, d, "hf", chat=name == "posttrain"))
+            # the base runs the chat tasks too (its tokenizer has the template): the released chat
+            # model is compared with its base on the same prompts
+            found.append(Variant(name, d, "hf", chat=True))
     qdir = artifacts / "quantize"
     report = qdir / "report.json"
     if report.is_file():
@@ -136,6 +138,33 @@ def item_scores(samples: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+def ratio_stderr(pairs: list[tuple[float, float]]) -> float | None:
+    """Standard error of bits per byte, -sum(ll) / sum(bytes) / ln 2, over items (ll_i, bytes_i):
+    the delta method for a ratio of sums, sqrt(sum((x_i - R y_i)^2) / (n (n-1))) / mean(y)."""
+    import math
+
+    n = len(pairs)
+    if n < 2:
+        return None
+    xs = [-ll / math.log(2) for ll, _ in pairs]
+    ys = [float(b) for _, b in pairs]
+    r = sum(xs) / sum(ys)
+    s2 = sum((x - r * y) ** 2 for x, y in zip(xs, ys)) / (n - 1)
+    return math.sqrt(s2 / n) / (sum(ys) / n)
+
+
+def add_bits_per_byte_stderr(result: dict, samples: dict) -> None:
+    """lm-eval reports no stderr for bits_per_byte ("N/A"): compute it from the per-document samples."""
+    for task, rows in samples.items():
+        tr = (result.get("results") or {}).get(task)
+        if tr is None or "bits_per_byte,none" not in tr:
+            continue
+        pairs = [tuple(r["bits_per_byte"]) for r in rows if isinstance(r.get("bits_per_byte"), (list, tuple))]
+        se = ratio_stderr(pairs)
+        if se is not None:
+            tr["bits_per_byte_stderr,none"] = se
+
+
 def _jsonable(obj):
     from lm_eval.utils import handle_non_serializable
 
@@ -174,8 +203,10 @@ def evaluate_variant(variant: Variant, cfg, tm, std_tm=None, seed: int = 0,
         lm_args = dict(model="gguf", model_args={"base_url": base_url})
     else:
         lm_args = dict(model=load_lm(variant, cfg.batch_size))
+    # bootstrap_iters > 0 turns on lm-eval's stderr: closed form for mean metrics (acc, exact_match),
+    # no resampling for ours; bits_per_byte gets its stderr from the items below (ratio_stderr)
     common = dict(limit=cfg.limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
-                  torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
+                  torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=100)
     result = simple_evaluate(**lm_args, tasks=tasks, task_manager=tm, **common)
     if variant.chat and cfg.chat_tasks and variant.format == "hf":
         chat = simple_evaluate(**lm_args, tasks=list(cfg.chat_tasks), task_manager=tm,
@@ -193,6 +224,7 @@ def evaluate_variant(variant: Variant, cfg, tm, std_tm=None, seed: int = 0,
                 notes.append(f"{variant.name}: standard tasks skipped: {type(e).__name__}: {str(e)[:200]}")
     samples = result.pop("samples", {})
     result = _jsonable(result)
+    add_bits_per_byte_stderr(result, _jsonable(samples))
     result["omp"] = {"variant": variant.name, "model_path": str(variant.path), "format": variant.format,
                      **model_sha256(variant.path), "limit": cfg.limit, "notes": notes,
                      "eval_seconds": round(time.perf_counter() - start, 1)}
