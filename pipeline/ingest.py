@@ -42,6 +42,21 @@ def _write_shards(docs: list[str], out: Path) -> dict[str, str]:
     return hashes
 
 
+STDLIB_SOURCES = {"python-docs", "python-code"}   # builtin sources read from the running interpreter
+
+
+def _minor(version: str) -> str:
+    return ".".join(str(version).split(".")[:2])
+
+
+def stdlib_patch_drift(src, locked: dict) -> bool:
+    """A stdlib source locked under another patch release of the same Python minor (3.11.7 vs 3.11.9):
+    its text differs a little, and that is not a reason to stop; any other change is."""
+    made, here = str(locked.get("python", "")), platform.python_version()
+    return (getattr(src, "kind", None) == "builtin" and getattr(src, "builtin", None) in STDLIB_SOURCES
+            and made != here and _minor(made) == _minor(here))
+
+
 def run(recipe: Recipe, update_lock: bool = False, out_dir: Path = OUT) -> dict:
     manifest_path = recipe.data.manifest
     manifest = load_manifest(manifest_path)
@@ -64,6 +79,16 @@ def run(recipe: Recipe, update_lock: bool = False, out_dir: Path = OUT) -> dict:
             }
             locked = lock.get(src.name)
             if recipe.data.lock and not update_lock and locked and locked["sha256"] != content:
+                if stdlib_patch_drift(src, locked):
+                    # keyed to the Python minor: another 3.11.x ships a slightly different stdlib
+                    report["sources"][src.name]["lock"] = {
+                        "status": "differs: stdlib of another Python patch release",
+                        "locked_python": locked.get("python"), "locked_sha256": locked["sha256"]}
+                    status(f"warning: {lock_file}: source {src.name!r} is read from this Python's standard "
+                           f"library ({platform.python_version()}), the lock from {locked.get('python')}'s: the "
+                           f"content differs ({content[:16]}… vs {locked['sha256'][:16]}…). Going on (same "
+                           f"Python minor); a bitwise recreation of a release needs the Python it records.")
+                    continue
                 raise DataIntegrityError(
                     f"{lock_file}: source {src.name!r} changed: locked sha256 {locked['sha256'][:16]}… "
                     f"(python {locked.get('python', '?')}), ingested {content[:16]}… "
