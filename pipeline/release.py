@@ -200,7 +200,8 @@ def model_card(recipe: Recipe, lineage: dict, name: str) -> str:
         lines.append(f"- DiLoCo: H={d.inner_steps} inner steps, outer lr {d.outer_lr}, momentum {d.outer_momentum}, "
                      f"compression {d.compression.kind}")
     if pm:
-        for k in ("bytes_sent_per_worker", "tokens", "tokens_per_s", "val_loss_initial", "val_loss_final"):
+        # no wall-clock figures (tokens/s): two recreations give a byte-identical card
+        for k in ("bytes_sent_per_worker", "tokens", "val_loss_initial", "val_loss_final"):
             if pm.get(k) is not None:
                 v = pm[k]
                 lines.append(f"- {k}: {v:,.4g}" if isinstance(v, float) else f"- {k}: {v:,}")

@@ -30,6 +30,8 @@ from pipeline.lineage import provenance
 from pipeline.log import status
 
 OUT = Path("artifacts/evaluate")
+# lm-eval result keys that change from run to run or commit to commit without the scores changing
+VOLATILE = ("date", "start_time", "end_time", "total_evaluation_time_seconds", "git_hash")
 ARTIFACTS = Path("artifacts")
 BASELINE = "pretrain"
 
@@ -225,9 +227,13 @@ def evaluate_variant(variant: Variant, cfg, tm, std_tm=None, seed: int = 0,
     samples = result.pop("samples", {})
     result = _jsonable(result)
     add_bits_per_byte_stderr(result, _jsonable(samples))
+    # wall-clock and commit-specific fields go to artifacts/timings/evaluate.json, outside every DVC
+    # output (DESIGN.md: timings apart): equal inputs give byte-equal results
+    timing = {k: result.pop(k) for k in VOLATILE if k in result}
+    timing["eval_seconds"] = round(time.perf_counter() - start, 1)
     result["omp"] = {"variant": variant.name, "model_path": str(variant.path), "format": variant.format,
-                     **model_sha256(variant.path), "limit": cfg.limit, "notes": notes,
-                     "eval_seconds": round(time.perf_counter() - start, 1)}
+                     **model_sha256(variant.path), "limit": cfg.limit, "notes": notes}
+    result["omp"]["timing"] = timing  # popped by run() into artifacts/timings/evaluate.json
     return result, item_scores(_jsonable(samples)), notes
 
 
@@ -286,6 +292,7 @@ def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dic
         if res:
             results[v.name], scores[v.name] = res, sc
 
+    timings = {name: res["omp"].pop("timing", {}) for name, res in results.items()}
     contam = contamination.report(artifacts, Path("evals/data"), cfg.contamination_ngram)
     ratings = arena.ratings(scores, rounds=cfg.bootstrap_rounds, seed=recipe.seed,
                             baseline=BASELINE if BASELINE in scores else None)
@@ -299,5 +306,8 @@ def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dic
         leaderboard.write(tmp, results, ratings, contam)
         inputs = {f"{v.name}": model_sha256(v.path)["model_sha256"] for v in variants}
         write_json(tmp / "provenance.json", provenance("evaluate", recipe, inputs, notes=notes))
+    timings_file = Path(out_dir).parent / "timings" / "evaluate.json"   # artifacts/timings/evaluate.json
+    timings_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(timings_file, timings)
     print(leaderboard.markdown(results, ratings, contam))
     return {"results": results, "arena": ratings, "contamination": contam, "notes": notes}
