@@ -35,7 +35,9 @@ def git_commit(cwd: str | Path = ".") -> dict:
 def provenance(stage: str, recipe: Recipe, inputs: dict[str, str] | None = None, **extra) -> dict:
     """The resolved recipe section, input hashes and code version of one stage output.
 
-    No timestamps or host names: equal inputs give a byte-identical file.
+    No timestamps, host names or git commit: equal inputs give a byte-identical file, so a commit
+    that does not touch a stage's code leaves its DVC output hash (in dvc.lock) as it was. The
+    commit is recorded once, in the release lineage (chain_lineage).
     """
     sections = {"ingest": ["data"], "tokenizer": ["data", "tokenizer"], "tokenize": ["tokenize"],
                 "blend": ["blend"]}.get(stage, [stage])
@@ -48,7 +50,7 @@ def provenance(stage: str, recipe: Recipe, inputs: dict[str, str] | None = None,
         "config": {k: full[k] for k in sections if k in full},
         "seed": recipe.seed,
         "inputs": dict(sorted((inputs or {}).items())),
-        "code": {"omp_version": pipeline.__version__, **git_commit()},
+        "code": {"omp_version": pipeline.__version__},
         "python": platform.python_version(),
         **extra,
     }
