@@ -241,8 +241,8 @@ def model_card(recipe: Recipe, lineage: dict, name: str) -> str:
     commit = lineage["code"].get("commit")
     lines += ["", "## How to recreate this model", "",
               "With the Open Model Pipeline source"
-              + (f" at commit `{commit}`" if commit else " (the commit is `code.commit` in lineage.json)")
-              + " (Python 3.11):", "", "```",
+              + (f" at commit `{commit}`" if commit else " at the commit named by `code.commit` in lineage.json")
+              + " and Python 3.11:", "", "```",
               *([f"git checkout {commit}"] if commit else []),
               "make setup        # .venv: torch 2.13.0 (CPU), then the pipeline and its pinned dependencies",
               ".venv/bin/omp recreate path/to/this/folder   # reruns the chain from lineage.json; compares every tensor",
