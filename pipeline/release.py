@@ -129,13 +129,14 @@ def comparison_lines(rows: list[dict], variant: str) -> list[str]:
 
 
 def warnings_vs_base(rows: list[dict], variant: str) -> list[str]:
-    """What a user must hear: the released variant loses to its base on the chat task, or on any
-    task beyond noise."""
+    """What a user must hear: the released variant does not beat its base on the chat task (the
+    task post-training is for), or is worse than it beyond noise on any task."""
     out = []
     for r in rows:
-        if r["task"] == CHAT_TASK and r["lost"]:
-            out.append(f"the released variant `{variant}` scores lower than its base on {r['task']} "
-                       f"({r['released']:.3f} vs {r['base']:.3f}, n={r['n']}): post-training did not pay off")
+        if r["task"] == CHAT_TASK and r["verdict"] != "better":
+            out.append(f"the released variant `{variant}` does not beat its base on {r['task']} "
+                       f"({r['released']:.3f} vs {r['base']:.3f}, n={r['n']}, {r['verdict']}): "
+                       "post-training did not pay off")
         elif r["verdict"] == "worse":
             out.append(f"`{variant}` is worse than its base on {r['task']} beyond noise "
                        f"({r['metric']} {r['released']:.4f} vs {r['base']:.4f}, n={r['n']})")
@@ -219,8 +220,7 @@ def model_card(recipe: Recipe, lineage: dict, name: str) -> str:
                   "Same items, lm-eval; value ± standard error. A difference counts only beyond 1.96 standard "
                   "errors of the difference.", "", *comparison_lines(vs_base, cfg.variant), ""]
         for w in warnings_vs_base(vs_base, cfg.variant):
-            lines.append(f"> **Warning:** {w}.")
-        lines.append("")
+            lines += [f"> **Warning:** {w}.", ""]
     if board:
         lines.append(board.strip())
     elif evals:

@@ -30,8 +30,10 @@ from pipeline.lineage import provenance
 from pipeline.log import status
 
 OUT = Path("artifacts/evaluate")
-# lm-eval result keys that change from run to run or commit to commit without the scores changing
-VOLATILE = ("date", "start_time", "end_time", "total_evaluation_time_seconds", "git_hash")
+# lm-eval result keys that change from run to run, commit to commit or boot to boot (pretty_env_info
+# holds lscpu's BogoMIPS) without the scores changing
+VOLATILE = ("date", "start_time", "end_time", "total_evaluation_time_seconds", "git_hash", "upper_git_hash",
+            "pretty_env_info")
 ARTIFACTS = Path("artifacts")
 BASELINE = "pretrain"
 
