@@ -165,7 +165,8 @@ def test_discover_variants_reads_quantize_report(tmp_path):
         {"name": "Q8_0", "format": "gguf", "bytes": 1, "ppl": 1.0, "ppl_delta_pct": 0.0,
          "path": "gguf/m-Q8_0.gguf"}]}))
     got = [(v.name, v.format, v.chat) for v in discover_variants(tmp_path)]
-    assert got == [("pretrain", "hf", False), ("posttrain", "hf", True), ("quant-int8-rtn", "hf", True),
+    # the base runs the chat task too: post-training is judged against it on the same prompts
+    assert got == [("pretrain", "hf", True), ("posttrain", "hf", True), ("quant-int8-rtn", "hf", True),
                    ("quant-Q8_0", "gguf", True)]
 
 
