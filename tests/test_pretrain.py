@@ -250,8 +250,10 @@ def test_two_torchrun_workers_sigterm_resume_bitwise(reference, tmp_path):
 
 
 @pytest.mark.e2e
-def test_deepspeed_zero2_two_cpu_workers_matches_ddp(reference, tmp_path):
-    """ZeRO-2 over 2 gloo workers (DS_ACCELERATOR=cpu) follows the plain data-parallel curve.
+@pytest.mark.timeout(900)   # three DeepSpeed starts (~40 s each on an idle 2-core machine, minutes on a busy one)
+def test_deepspeed_zero2_two_cpu_workers_matches_ddp_and_resumes_bitwise(reference, tmp_path):
+    """ZeRO-2 over 2 gloo workers (DS_ACCELERATOR=cpu) follows the plain data-parallel curve, and
+    resuming it from a checkpoint gives the same weights bit for bit.
 
     Same batches, same torch AdamW and schedule: the curves differ only by float summation order
     (DeepSpeed averages gradients in its own buckets), so we hold them to 2% per logged step.
@@ -276,5 +278,16 @@ def test_deepspeed_zero2_two_cpu_workers_matches_ddp(reference, tmp_path):
     ref_m = read_json(ddp / "artifacts/pretrain/metrics.json")
     assert abs(m["val_loss_final"] - ref_m["val_loss_final"]) < 0.05
     assert m["val_loss_final"] < m["val_loss_initial"] - 0.5
-    assert ckpt_steps(work)[-1] == 30
+    assert ckpt_steps(work) == [10, 20, 30]
     assert (work / "artifacts/pretrain/final/model.safetensors").is_file()
+    # the same loop's resume with the DeepSpeed engine: from the checkpoint at step 20, bit for bit
+    final = final_sha(work)
+    omp("pretrain", "--recipe", "tests/recipes/micro_ds.yaml", "--resume",
+        str(work / "artifacts/pretrain/checkpoints/step-0000020"), cwd=work, env=ENV)
+    assert final_sha(work) == final
+
+
+@pytest.mark.e2e
+def test_deepspeed_real_divergence_stops_with_exit_2(micro_data, tmp_path):
+    work = fresh_copy(micro_data, tmp_path / "work")
+    assert_stopped_at_divergence(work, diverge(work, "  distributed: {world_size: 2, engine: deepspeed, zero_stage: 2}\n"))
