@@ -93,3 +93,27 @@ def test_gpu_recipes_load_and_have_their_size(name, low, high, monkeypatch):
     with torch.device("meta"):
         n = count_params(build_model(p.model, r.tokenizer.vocab_size, r.blend.seq_len))
     assert low <= n <= high, n
+
+
+def test_stage_device_and_precision_settings():
+    from pipeline.config import Recipe
+    from pipeline.device import autocast, resolve, use_bf16
+    from pipeline.errors import RecipeError
+
+    r = Recipe.model_validate({"name": "x", "posttrain": {"device": "cpu", "precision": "fp32"},
+                               "quantize": {"device": "auto"}, "evaluate": {"precision": "bf16"}})
+    assert (r.posttrain.device, r.quantize.device, r.evaluate.device) == ("cpu", "auto", "auto")
+    with pytest.raises(Exception, match="device"):
+        Recipe.model_validate({"name": "x", "posttrain": {"device": "tpu"}})
+    cpu = torch.device("cpu")
+    assert resolve("cpu") == cpu
+    assert resolve("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # auto precision: fp32 on CPU (the offline default stays bitwise), bf16 autocast on CUDA
+    assert not use_bf16(cpu, "auto") and use_bf16(cpu, "bf16") and use_bf16(torch.device("cuda"), "auto")
+    with autocast(cpu, "auto"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with autocast(cpu, "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    if not torch.cuda.is_available():
+        with pytest.raises(RecipeError, match=r"r.yaml: posttrain.device: cuda asked for, but no CUDA device"):
+            resolve("cuda", "r.yaml", "posttrain.device")
