@@ -72,7 +72,10 @@ def test_outputs_metrics_and_loss_falls(reference):
     assert m["steps"] == 80 and m["tokens"] == 80 * 8 * 64
     assert m["val_loss_final"] <= 0.7 * m["val_loss_initial"], m
     assert set(m["val_loss_per_source"]) == {"python-docs", "python-code", "arithmetic"}
-    assert m["tokens_per_s"] > 0
+    # steady-state speed: the first step is timed apart, evaluations and checkpoints not at all
+    assert m["tokens_per_s"] > 0 and m["warmup_steps"] == 1 and 0 < m["warmup_seconds"] < m["train_seconds"]
+    speeds = read_json(out / "checkpoints/step-0000080/timings.json")
+    assert [r["step"] for r in speeds] == list(range(5, 81, 5))   # every log step after the warm-up
     # ddp baseline: one fp32 all-reduce of every gradient per step
     assert m["bytes_sent_per_worker"] == m["params"] * 4 * 80
     # keep_last 3 of checkpoints every 10 steps; each names its parent and the data it read
