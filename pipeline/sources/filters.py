@@ -16,6 +16,7 @@ registered under the same `kind` with `@register_step`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import re
@@ -117,10 +118,11 @@ def shingles(text: str, n: int) -> list[bytes]:
 
 
 def minhash_signature(text: str, cfg: NearDedup) -> np.ndarray:
-    """datasketch's seeded MinHash (sha1-based, as datasketch defines it): uint64[num_perm]."""
+    """datasketch's seeded MinHash (its default sha1 hash, affine32 permutations, named so that a
+    later datasketch default cannot change the signatures): uint64[num_perm]."""
     from datasketch import MinHash
 
-    m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed)
+    m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, scheme="affine32")
     m.update_batch(shingles(text, cfg.ngram))
     return m.hashvalues.astype(np.uint64)
 
@@ -158,9 +160,14 @@ def filter_unit(filters: Filters, docs: list[str]) -> dict:
 
 def lsh_params(cfg: NearDedup) -> tuple[int, int]:
     """(bands, rows) that datasketch's MinHashLSH picks for this threshold and num_perm."""
+    return _lsh_params(cfg.threshold, cfg.num_perm)
+
+
+@functools.lru_cache(maxsize=None)
+def _lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     from datasketch import MinHashLSH
 
-    lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     return lsh.b, lsh.r
 
 
