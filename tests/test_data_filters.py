@@ -133,3 +133,64 @@ def test_bad_filter_steps_name_the_key(tmp_path, monkeypatch, filters, key):
     with pytest.raises(RecipeError) as err:
         load_recipe("r.yaml")
     assert str(err.value).startswith(f"m.yaml: {key}: ")
+
+
+def hub_repo(root, shards: int, rows: int) -> list[str]:
+    """A local dataset in hub layout with `shards` parquet files; returns every row's text in order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "data").mkdir(parents=True)
+    texts = []
+    for s in range(shards):
+        part = [f"shard {s} row {r}: " + "lorem ipsum " * (r % 5 + 2) for r in range(rows)]
+        part[-1] = texts[0] if texts else part[-1]  # one exact duplicate of row 0 per later shard
+        pq.write_table(pa.table({"content": part}), root / "data" / f"train-{s:05d}-of-{shards:05d}.parquet")
+        texts += part
+    return texts
+
+
+HF_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def test_hf_ingest_streams_shards_and_resumes_after_a_kill(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    texts = hub_repo(tmp_path / "org__web", shards=4, rows=30)
+    (tmp_path / "m.yaml").write_text(
+        "name: m\nsources:\n"
+        f"  - {{name: web, kind: hf, repo_id: '{tmp_path / 'org__web'}', revision: main, text_field: content,"
+        " license: CC-BY-4.0, weight: 1}\n")
+    (tmp_path / "r.yaml").write_text("name: r\ndata: {manifest: m.yaml, lock: false}\n")
+    env = {**os.environ, **HF_ENV, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "PYTHONHASHSEED": "0",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    reached = tmp_path / "reached"
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests/ingest_kill_worker.py"), "r.yaml", "2",
+                             str(reached)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not reached.exists():  # ordered by the file the worker writes after its 2nd unit
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the ingest worker never committed 2 units"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert reached.read_text() == "web 1 4\n"
+    work = tmp_path / "artifacts/.ingest.work/web"
+    assert sorted(p.name for p in work.iterdir()) == ["unit-00000.json", "unit-00001.json"]
+    assert not (tmp_path / "artifacts/ingest").exists()
+
+    out = omp("ingest", "--recipe", "r.yaml", cwd=tmp_path, env={**HF_ENV, "HF_DATASETS_CACHE": str(tmp_path / "cache")})
+    assert "web: resumed 2 of 4 units" in out.stdout
+    rows = [json.loads(line)["text"] for line in
+            (tmp_path / "artifacts/ingest/web/shard-00000.jsonl").read_text().splitlines()]
+    expected = list(dict.fromkeys(texts))  # every row once, in shard order, exact duplicates dropped
+    assert rows == expected and len(rows) == 120 - 3
+    meta = read_json(tmp_path / "artifacts/ingest/ingest.json")["sources"]["web"]
+    assert meta["raw_documents"] == 120 and meta["removed"]["exact_dedup"] == 3
+    assert not (tmp_path / "artifacts/.ingest.work").exists()
