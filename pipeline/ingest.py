@@ -120,31 +120,39 @@ def _fingerprint(src, i: int, n: int, input_id: str) -> str:
 
 
 def ingest_units(sources, manifest_path: str, work: Path, executor, unit_docs: int,
-                 on_unit: Callable[[str, int, int], None] | None = None) -> dict[str, list[dict]]:
-    """Every unit of every source, from the work folder where an earlier run finished it, else
-    computed on `executor` and committed there as soon as it is back. `on_unit(source, i, n)` is
-    called after each commit."""
-    pending, results = [], {}
+                 on_unit: Callable[[str, int, int], None] | None = None) -> dict[str, list[str]]:
+    """Make sure every unit of every source is committed to the work folder: those an earlier run
+    finished stay, the others run on `executor` and are committed as soon as each is back.
+    `on_unit(source, i, n)` is called after each commit. Returns the fingerprints per source."""
+    pending, fingerprints = [], {}
     for src in sources:
         jobs = _unit_jobs(src, manifest_path, unit_docs)
-        results[src.name] = [None] * len(jobs)
-        for i, (kind, payload, input_id) in enumerate(jobs):
-            fp = _fingerprint(src, i, len(jobs), input_id)
-            unit = _load_unit(_unit_path(work, src.name, i), fp, src.filters.near_dedup is not None)
-            if unit is not None:
-                results[src.name][i] = unit
+        fingerprints[src.name] = [_fingerprint(src, i, len(jobs), job[2]) for i, job in enumerate(jobs)]
+        resumed = 0
+        for i, (kind, payload, _input) in enumerate(jobs):
+            fp = fingerprints[src.name][i]
+            if _load_unit(_unit_path(work, src.name, i), fp, False) is not None:
+                resumed += 1
             else:
                 pending.append((src, i, len(jobs), fp, kind, payload))
-        resumed = sum(u is not None for u in results[src.name])
         if resumed:
             print(f"ingest: {src.name}: resumed {resumed} of {len(jobs)} units from {work}")
     args = ((p[0].filters, p[4], p[5], getattr(p[0], "text_field", "text")) for p in pending)
     for (src, i, n, fp, _kind, _payload), result in zip(pending, executor.map(ingest_unit, args)):
         _save_unit(_unit_path(work, src.name, i), fp, result)
-        results[src.name][i] = result
         if on_unit is not None:
             on_unit(src.name, i, n)
-    return results
+    return fingerprints
+
+
+def load_units(src, work: Path, fingerprints: list[str]) -> list[dict]:
+    """One source's committed units, in order (one source in memory at a time)."""
+    units = [_load_unit(_unit_path(work, src.name, i), fp, src.filters.near_dedup is not None)
+             for i, fp in enumerate(fingerprints)]
+    missing = [i for i, u in enumerate(units) if u is None]
+    if missing:
+        raise RuntimeError(f"{work / src.name}: unit {missing[0]} vanished while ingest ran")
+    return units
 
 
 def run(recipe: Recipe, update_lock: bool = False, out_dir: Path = OUT,
@@ -159,11 +167,11 @@ def run(recipe: Recipe, update_lock: bool = False, out_dir: Path = OUT,
     work = work_dir(out_dir)
     try:
         with make_executor(recipe.data) as executor:
-            units = ingest_units(manifest.sources, manifest_path, work, executor,
-                                 recipe.data.unit_docs, on_unit)
+            fingerprints = ingest_units(manifest.sources, manifest_path, work, executor,
+                                        recipe.data.unit_docs, on_unit)
         with atomic_dir(out_dir) as tmp:
             for src in manifest.sources:
-                docs, counts = finish(src, units.pop(src.name))
+                docs, counts = finish(src, load_units(src, work, fingerprints[src.name]))
                 if not docs:
                     raise DataIntegrityError(f"{manifest_path}: source {src.name!r} produced no documents "
                                              "after filters; loosen its filters or limits")
