@@ -492,9 +492,19 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
     return recipe.model_dump(mode="json")
 
 
+# Keys that choose where the data stages run, never what they write (tests/test_data_executor.py):
+# left out of recipe_sha256, so a run on Ray has the recipe hash of the same run in one process.
+EXECUTION_ONLY = {"data": ("executor", "workers", "ray_address", "unit_docs")}
+
+
 def recipe_sha256(recipe: Recipe) -> str:
-    """Hash of the resolved recipe (defaults filled in, bases merged), independent of YAML layout."""
-    return sha256_bytes(canonical_json(recipe_dict(recipe)).encode())
+    """Hash of the resolved recipe (defaults filled in, bases merged), independent of YAML layout
+    and of the EXECUTION_ONLY keys."""
+    full = recipe_dict(recipe)
+    for section, keys in EXECUTION_ONLY.items():
+        for key in keys:
+            full[section].pop(key, None)
+    return sha256_bytes(canonical_json(full).encode())
 
 
 def recipe_path(recipe: Recipe) -> str:
