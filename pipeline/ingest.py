@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from tqdm import tqdm
 
 from pipeline.config import HFSource, Recipe, load_manifest
 from pipeline.errors import DataIntegrityError, PipelineError
@@ -138,8 +139,9 @@ def ingest_units(sources, manifest_path: str, work: Path, executor, unit_docs: i
         if resumed:
             print(f"ingest: {src.name}: resumed {resumed} of {len(jobs)} units from {work}")
     args = ((p[0].filters, p[4], p[5], getattr(p[0], "text_field", "text")) for p in pending)
-    for (src, i, n, fp, _kind, _payload), result in zip(pending, executor.map(ingest_unit, args)):
-        _save_unit(_unit_path(work, src.name, i), fp, result)
+    results = executor.map(ingest_unit, args)
+    for src, i, n, fp, _kind, _payload in tqdm(pending, desc=f"ingest ({executor.name})", unit="unit"):
+        _save_unit(_unit_path(work, src.name, i), fp, next(results))
         if on_unit is not None:
             on_unit(src.name, i, n)
     return fingerprints

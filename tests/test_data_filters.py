@@ -173,13 +173,19 @@ def test_hf_ingest_streams_shards_and_resumes_after_a_kill(tmp_path):
     reached = tmp_path / "reached"
     proc = subprocess.Popen([sys.executable, str(REPO / "tests/ingest_kill_worker.py"), "r.yaml", "2",
                              str(reached)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not reached.exists():  # ordered by the file the worker writes after its 2nd unit
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the ingest worker never committed 2 units"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    try:
+        deadline = time.monotonic() + 300
+        while not reached.exists():  # ordered by the file the worker writes after its 2nd unit
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the ingest worker never committed 2 units"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert reached.read_text() == "web 1 4\n"
     work = tmp_path / "artifacts/.ingest.work/web"
     assert sorted(p.name for p in work.iterdir()) == ["unit-00000.json", "unit-00001.json"]
