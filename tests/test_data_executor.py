@@ -1,4 +1,5 @@
-"""ingest and tokenize on Ray: byte-identical to the local executor, with 1 and with 4 workers.
+"""ingest and tokenize on Ray: byte-identical to the local executor, with 1 and with 4 workers,
+and when Ray's worker processes are killed mid-ingest (Ray reruns their units).
 
 One local Ray (4 CPUs) for the module, shut down after it; the stages run in this process."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -62,14 +64,14 @@ def ray_cluster():
     ray.shutdown()
 
 
-def run_data_stages(wd: Path, name: str, **data) -> Path:
+def run_data_stages(wd: Path, name: str, on_unit=None, **data) -> Path:
     """ingest, tokenize and blend of r.yaml with `data` overrides, into wd/<name>/."""
     cwd = os.getcwd()
     os.chdir(wd)
     try:
         recipe = load_recipe("r.yaml", overrides={"data": data})
         out = Path(name)
-        ingest.run(recipe, out_dir=out / "ingest")
+        ingest.run(recipe, out_dir=out / "ingest", on_unit=on_unit)
         tokenize.run(recipe, ingest_dir=out / "ingest", tokenizer_dir=Path("artifacts/tokenizer"),
                      out_dir=out / "tokenize")
         blend.run(recipe, tokenize_dir=out / "tokenize", out_dir=out / "blend")
@@ -88,7 +90,22 @@ def data_hashes(out: Path) -> dict[str, str]:
 def test_ray_with_1_and_4_workers_is_byte_identical_to_local(workdir, ray_cluster):
     local = run_data_stages(workdir, "local", executor="local")
     ray1 = run_data_stages(workdir, "ray1", executor="ray", workers=1)
-    ray4 = run_data_stages(workdir, "ray4", executor="ray", workers=4)
+    killed = []
+
+    def kill_ray_workers(source, i, n):
+        """After the first unit is back, SIGKILL every Ray worker process, busy or idle: Ray runs
+        their units again on new workers (max_retries), and nothing in the output changes."""
+        import psutil
+
+        if not killed and (source, i) == ("arithmetic", 0):
+            for p in psutil.Process().children(recursive=True):
+                name = (p.cmdline() or [""])[0]
+                if name in ("ray::IDLE", "ray::ingest_unit"):  # task workers, not Ray's own agents
+                    killed.append(name)
+                    p.send_signal(signal.SIGKILL)
+
+    ray4 = run_data_stages(workdir, "ray4", on_unit=kill_ray_workers, executor="ray", workers=4)
+    assert killed, "no Ray worker process was found to kill"
     expected = data_hashes(local)
     assert {"ingest/notes/shard-00000.jsonl", "ingest/ingest.json", "tokenize/notes/train.npy",
             "tokenize/notes/train_docs.npy", "tokenize/arithmetic/val.npy", "tokenize/tokenize.json",
