@@ -273,6 +273,12 @@ class DPOCfg(Strict):
     pairs: PosInt = 2000              # correct vs incorrect arithmetic answers (training split only)
 
 
+# where posttrain / quantize / evaluate run (pipeline/device.py): auto = CUDA when present, else CPU;
+# precision auto = bf16 autocast on CUDA, fp32 on CPU (the offline default: CPU, fp32, bitwise)
+StageDevice = Literal["auto", "cpu", "cuda"]
+StagePrecision = Literal["auto", "fp32", "bf16"]
+
+
 class PosttrainCfg(Strict):
     sft: list[SFTSourceCfg] = [SFTSourceCfg(kind="builtin", builtin="arithmetic-qa", max_examples=4000),
                                SFTSourceCfg(kind="builtin", builtin="python-docs-qa", max_examples=1000)]
@@ -286,6 +292,8 @@ class PosttrainCfg(Strict):
     dpo: DPOCfg = DPOCfg()
     eval_problems: PosInt = 200       # held-out arithmetic problems for arith_em_before / _after
     seed: int | None = None           # defaults to the recipe seed
+    device: StageDevice = "auto"
+    precision: StagePrecision = "auto"
 
 
 # --- quantization (pipeline/quantize/)
@@ -299,6 +307,8 @@ class QuantizeCfg(Strict):
     seq_len: PosInt | None = None     # defaults to blend.seq_len
     gptq_damp: Annotated[float, Field(gt=0, lt=1)] = 0.01
     gguf: list[Literal["F16", "Q8_0", "Q4_0"]] = ["F16", "Q8_0", "Q4_0"]
+    device: StageDevice = "auto"      # calibration and perplexity forwards; quantized files are the same format
+    precision: StagePrecision = "auto"
 
 
 # --- evaluation (pipeline/evaluate/)
@@ -320,6 +330,8 @@ class EvaluateCfg(Strict):
     gguf_server_python: str | None = None
     contamination_ngram: PosInt = 13  # n-gram length (tokens) for the overlap check against training
     bootstrap_rounds: PosInt = 200    # Bradley-Terry 95% intervals
+    device: StageDevice = "auto"      # lm-eval's HFLM device for the HF variants
+    precision: StagePrecision = "auto"
 
 
 # --- pretraining (pipeline/pretrain/, pipeline/model.py)
