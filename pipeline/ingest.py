@@ -19,6 +19,7 @@ from pipeline.config import Recipe, load_manifest
 from pipeline.errors import DataIntegrityError
 from pipeline.io import atomic_dir, canonical_json, read_json, sha256_bytes, sha256_file, write_json
 from pipeline.lineage import provenance
+from pipeline.verify import seal
 from pipeline.sources import iter_documents, select_documents
 
 OUT = Path("artifacts/ingest")
@@ -69,7 +70,7 @@ def run(recipe: Recipe, update_lock: bool = False, out_dir: Path = OUT) -> dict:
                     f"(python {platform.python_version()}). Refusing to train on different data; "
                     f"if the change is intended, run `omp ingest --recipe ... --update-lock`.")
         write_json(tmp / "ingest.json", report)
-        write_json(tmp / "provenance.json", provenance("ingest", recipe, {"manifest": report["manifest_sha256"]}))
+        seal(tmp, provenance("ingest", recipe, {"manifest": report["manifest_sha256"]}))
     unlocked = [n for n in report["sources"] if n not in lock]
     if update_lock:
         write_json(lock_file, {"manifest": manifest.name, "sources": {
@@ -83,6 +84,10 @@ def run(recipe: Recipe, update_lock: bool = False, out_dir: Path = OUT) -> dict:
 
 
 def read_documents(name: str, ingest_dir: Path = OUT) -> list[str]:
+    """The documents of one ingested source, its shards checked against the ingest record first."""
+    from pipeline.verify import check_name, verify_stage
+
+    verify_stage(ingest_dir, under=check_name(name, "source name"))
     docs = []
     for shard in sorted((ingest_dir / name).glob("shard-*.jsonl")):
         with open(shard, encoding="utf-8") as f:

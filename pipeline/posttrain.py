@@ -28,6 +28,7 @@ from pipeline.config import Recipe, SFTSourceCfg, load_manifest
 from pipeline.errors import CheckpointError, PipelineError, RecipeError
 from pipeline.io import atomic_dir, read_json, sha256_file, write_json
 from pipeline.lineage import provenance
+from pipeline.verify import seal, verify_model_dir
 from pipeline.sources import arithmetic
 
 PRETRAIN_DIR = Path("artifacts/pretrain/final")
@@ -348,6 +349,7 @@ def load_model(model_dir: Path):
 
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise CheckpointError(f"{model_dir}: no config.json + model.safetensors; run the pretrain stage first")
+    verify_model_dir(model_dir)  # weights, config and tokenizer as the pretrain stage recorded them
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     if tok.chat_template is None:
@@ -394,7 +396,7 @@ def run(recipe: Recipe, pretrain_dir: Path = PRETRAIN_DIR, ingest_dir: Path = IN
             "model_sha256": sha256_file(final / "model.safetensors"),
             "pretrain_lineage": _maybe_json(pretrain_dir / "lineage.json")})
         write_json(tmp / "metrics.json", metrics)
-        write_json(tmp / "provenance.json", provenance("posttrain", recipe, inputs,
+        seal(tmp, provenance("posttrain", recipe, inputs,
                                                        model_sha256=sha256_file(final / "model.safetensors")))
     return metrics
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from pipeline.config import Recipe
 from pipeline.io import atomic_dir, sha256_file, write_json
 from pipeline.lineage import provenance
+from pipeline.verify import seal
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -95,7 +96,7 @@ def write(recipe: Recipe, out: Path, model, history: list[dict], metrics: dict, 
     write_dvclive(out, history, speeds)
     plot_loss(out, history)
     write_json(out / "metrics.json", metrics)
-    write_json(out / "provenance.json", provenance(
+    seal(out, provenance(
         "pretrain", recipe, {"indices": lineage["indices_sha256"],
                              "tokenizer": sha256_file(dirs.tokenizer / "tokenizer.json")},
         model_sha256=metrics["model_sha256"]))
