@@ -52,7 +52,7 @@ def run(recipe: Recipe, update_lock: bool = False, out_dir: Path = OUT) -> dict:
               "sources": {}}
     with atomic_dir(out_dir) as tmp:
         for src in tqdm(manifest.sources, desc="ingest", unit="source"):
-            docs = select_documents(src, iter_documents(src, manifest_path))
+            docs = select_documents(src, iter_documents(src, manifest_path, manifest.allow_paths))
             if not docs:
                 raise DataIntegrityError(f"{manifest_path}: source {src.name!r} produced no documents "
                                          "after filters; loosen its filters or limits")
