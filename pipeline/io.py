@@ -69,8 +69,17 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """Parsed JSON; a file that is not UTF-8 JSON is DataIntegrityError naming it (and the line)."""
+    from pipeline.errors import DataIntegrityError
+
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataIntegrityError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataIntegrityError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
 
 
 @contextlib.contextmanager

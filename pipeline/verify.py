@@ -92,8 +92,8 @@ def verify_file(path, sha256: str, what: str) -> Path:
     path = Path(path)
     if not isinstance(sha256, str) or len(sha256) != 64:
         raise DataIntegrityError(f"{what}: no valid sha256 recorded for {path}")
-    if not path.is_file():
-        raise DataIntegrityError(f"{path}: missing (recorded in {what})")
+    if path.is_symlink() or not path.is_file():
+        raise DataIntegrityError(f"{path}: missing or not a plain file (recorded in {what})")
     got = sha256_file(path)
     if got != sha256:
         raise DataIntegrityError(f"{path}: sha256 {got[:16]}… does not match {what} ({sha256[:16]}…); "
@@ -101,14 +101,16 @@ def verify_file(path, sha256: str, what: str) -> Path:
     return path
 
 
-def tree_files(root: Path, skip: Iterable[str] = ()) -> list[str]:
-    """Relative POSIX paths of the files under root, minus `skip` (names or folder prefixes with '/')."""
+def tree_files(root: Path, skip: Iterable[str] = (), hidden: bool = False) -> list[str]:
+    """Relative POSIX paths of the files (and symlinks) under root, minus `skip` (names, or folder
+    prefixes ending in '/') and, unless `hidden`, dot-files and dot-folders."""
     skip = tuple(skip)
     out = []
     for dirpath, dirnames, files in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(files):
-            if f.startswith("."):
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = sorted(d for d in dirnames if (hidden or not d.startswith(".")) and d not in links)
+        for f in sorted(files + links):
+            if f.startswith(".") and not hidden:
                 continue
             rel = Path(dirpath, f).relative_to(root).as_posix()
             if rel in skip or any(s.endswith("/") and rel.startswith(s) for s in skip):
@@ -117,7 +119,8 @@ def tree_files(root: Path, skip: Iterable[str] = ()) -> list[str]:
     return sorted(out)
 
 
-def verify_tree(root, files: dict, what: str, skip: Iterable[str] = (), extra_ok: bool = False) -> None:
+def verify_tree(root, files: dict, what: str, skip: Iterable[str] = (), extra_ok: bool = False,
+                hidden: bool = False) -> None:
     """Every file recorded in `files` (relative path -> sha256) is under `root` unchanged, and no other
     file is there (unless `extra_ok`). The first missing, changed or extra file is named."""
     root = Path(root)
@@ -127,7 +130,7 @@ def verify_tree(root, files: dict, what: str, skip: Iterable[str] = (), extra_ok
         check_relpath(rel, f"{what}: file name")
         verify_file(root / rel, files[rel], what)
     if not extra_ok:
-        extra = [r for r in tree_files(root, skip) if r not in files]
+        extra = [r for r in tree_files(root, skip, hidden) if r not in files]
         if extra:
             raise DataIntegrityError(f"{root / extra[0]}: not recorded in {what} "
                                      f"({len(extra)} unrecorded file(s)); refusing a folder with added files")
