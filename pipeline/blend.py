@@ -112,9 +112,9 @@ def run(recipe: Recipe, tokenize_dir: Path = tokstage.OUT, out_dir: Path = OUT) 
             "recipe_sha256": recipe_sha256(recipe),
         }
         write_json(tmp / "blend.json", report)
+        plot_mixture(report, tmp / "blend.png")
         seal(tmp, provenance(
             "blend", recipe, {"tokenize": sha256_file(tokenize_dir / "tokenize.json")}))
-        plot_mixture(report, tmp / "blend.png")
     for s in sources:
         if s["upsampled"]:
             print(f"note: source {s['name']!r} is upsampled: {s['epochs']:.2f} epochs "
