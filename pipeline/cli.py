@@ -46,7 +46,9 @@ def cmd_blend(args):
 def cmd_pretrain(args):
     from pipeline import pretrain
 
-    m = pretrain.run(_recipe(args), resume=args.resume)
+    from pipeline.checkpoint import ACCEPT
+
+    m = pretrain.run(_recipe(args), resume=args.resume + (ACCEPT if args.accept_mismatch else ""))
     print(f"held-out loss {m['val_loss_initial']:.3f} -> {m['val_loss_final']:.3f}; "
           f"{m['tokens']:,} tokens at {m['tokens_per_s'] or 0:,.0f} tokens/s")
 
@@ -172,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = stage("pretrain", cmd_pretrain, "train the Llama model on the published order (artifacts/pretrain/)")
     sp.add_argument("--resume", default="none", metavar="none|latest|latest-valid|DIR",
                     help="continue from a checkpoint under artifacts/pretrain/checkpoints (default: start fresh)")
+    sp.add_argument("--accept-mismatch", action="store_true",
+                    help="resume even if the checkpoint was made with another recipe or data order "
+                         "(both are recorded in the lineage as resume_mismatch)")
     stage("posttrain", cmd_posttrain, "SFT (+ DPO) from the pretrained model (artifacts/posttrain/)")
     stage("quantize", cmd_quantize, "int8/int4 variants, GGUF files and the perplexity report (artifacts/quantize/)")
 

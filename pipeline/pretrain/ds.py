@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from pipeline import checkpoint as ckpt
 from pipeline.comm import Comm, init_process_group
-from pipeline.config import Recipe, recipe_sha256
+from pipeline.config import Recipe, recipe_dict, recipe_sha256
 from pipeline.data import PublishedOrder
 from pipeline.errors import RecipeError
 from pipeline.io import read_json, write_json
@@ -73,7 +73,11 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
     set_determinism(cfg.threads or max(1, cpu_cores() // ctx.world_size))
 
     order = PublishedOrder(dirs.blend, dirs.tokenize)
-    total = min(cfg.steps or order.steps, order.steps)
+    if cfg.steps is not None and cfg.steps > order.steps:
+        raise RecipeError(getattr(recipe, "_path", "<recipe>"), "pretrain.steps",
+                          f"{cfg.steps} steps, but the published order has {order.steps} (blend.tokens); "
+                          "raise blend.tokens or lower pretrain.steps")
+    total = cfg.steps or order.steps
     if (order.batch_size // ctx.world_size) % cfg.grad_accum_steps or order.batch_size % ctx.world_size:
         raise RecipeError(getattr(recipe, "_path", "<recipe>"), "pretrain.grad_accum_steps",
                           f"global batch {order.batch_size} does not split into {ctx.world_size} workers x "
@@ -92,9 +96,10 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
     root = out_dir / "checkpoints"
     start, history, speeds, parent = 0, [], [], None
     path = ckpt.resolve(resume, root, warn=(print if ctx.rank == 0 else (lambda *_: None)))
-    if path is None and ctx.rank == 0 and root.exists():
-        import shutil
-        shutil.rmtree(root)
+    fresh = ckpt.FreshStart(root, fresh=path is None)  # old checkpoints go once this run's first is written
+    run_hashes = {"recipe_sha256": recipe_sha256(recipe), "indices_sha256": order.meta["indices_sha256"],
+                  "recipe": recipe_dict(recipe)}
+    mismatch = ckpt.check_resume(path, run_hashes, ckpt.accepts_mismatch(resume)) if path is not None else None
     dist.barrier()
     if path is not None:
         engine.load_checkpoint(str(path / "ds"), tag="ds")
@@ -107,9 +112,10 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
         if ctx.rank == 0:
             print(f"resumed from {path} (step {start})")
 
-    lineage = {"git": git_commit(), "recipe_sha256": recipe_sha256(recipe),
-               "indices_sha256": order.meta["indices_sha256"], "world_size": ctx.world_size,
+    lineage = {"git": git_commit(), **run_hashes, "world_size": ctx.world_size,
                "mode": "ddp", "engine": f"deepspeed-zero{cfg.distributed.zero_stage}"}
+    if mismatch:
+        lineage["resume_mismatch"] = mismatch
     windows = val_windows(order, order.seq_len, cfg.eval_tokens)
     if start == 0:
         val = evaluate(engine, windows, ctx)  # every rank runs it: ZeRO-3 forward is collective
@@ -130,6 +136,7 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
         dist.barrier()
         if ctx.rank == 0:
             ckpt.commit(root, step, {**lineage, "parent": parent})
+            fresh.committed(ckpt.step_dir(root, step))
             ckpt.prune(root, cfg.keep_last)
         parent = f"step-{step:07d}"
         dist.barrier()
@@ -153,7 +160,7 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
                     engine.step()
             loss, signum = agree(loss_sum, stop.signum, ctx)
             if not math.isfinite(loss):
-                good = ckpt.list_steps(root)
+                good = fresh.own(ckpt.list_steps(root))
                 raise TrainingDiverged(f"non-finite loss ({loss}) at step {step}; weights not updated; last good "
                                        f"checkpoint: {good[-1][1] if good else 'none'}")
             lr = engine.get_lr()[0]

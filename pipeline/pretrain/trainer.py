@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from pipeline import checkpoint as ckpt
 from pipeline.comm import Comm, init_process_group
-from pipeline.config import PretrainCfg, Recipe, recipe_sha256
+from pipeline.config import recipe_dict, PretrainCfg, Recipe, recipe_sha256
 from pipeline.data import PublishedOrder
 from pipeline.errors import PipelineError, RecipeError
 from pipeline.io import read_json, write_json
@@ -274,7 +274,11 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
     set_determinism(cfg.threads or max(1, cpu_cores() // ctx.world_size))
 
     order = PublishedOrder(dirs.blend, dirs.tokenize)
-    total = min(cfg.steps or order.steps, order.steps)
+    if cfg.steps is not None and cfg.steps > order.steps:
+        raise RecipeError(getattr(recipe, "_path", "<recipe>"), "pretrain.steps",
+                          f"{cfg.steps} steps, but the published order has {order.steps} (blend.tokens); "
+                          "raise blend.tokens or lower pretrain.steps")
+    total = cfg.steps or order.steps
     rows = order.batch_size // ctx.world_size
     if order.batch_size % ctx.world_size or rows % cfg.grad_accum_steps:
         raise RecipeError(getattr(recipe, "_path", "<recipe>"), "pretrain.grad_accum_steps",
@@ -294,9 +298,11 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
     per_rank = cfg.distributed.mode != "ddp"
     start, history, speeds, parent = 0, [], [], None
     path = ckpt.resolve(resume, root, warn=(print if ctx.rank == 0 else (lambda *_: None)))
-    if path is None and ctx.rank == 0 and root.exists():
-        import shutil
-        shutil.rmtree(root)  # a fresh run: older checkpoints belong to another run
+    # a fresh run: older checkpoints belong to another run; removed once this run's first one is written
+    fresh = ckpt.FreshStart(root, fresh=path is None)
+    run_hashes = {"recipe_sha256": recipe_sha256(recipe), "indices_sha256": order.meta["indices_sha256"],
+                  "recipe": recipe_dict(recipe)}
+    mismatch = ckpt.check_resume(path, run_hashes, ckpt.accepts_mismatch(resume)) if path is not None else None
     _barrier(ctx)
     if path is not None:
         start, history, speeds = load_checkpoint(path, model, optimizer, scheduler, strategy, comm, ctx, per_rank)
@@ -305,9 +311,9 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
             print(f"resumed from {path} (step {start})")
     strategy.setup(model)
 
-    lineage = {"git": git_commit(), "recipe_sha256": recipe_sha256(recipe),
-               "indices_sha256": order.meta["indices_sha256"], "world_size": ctx.world_size,
-               "mode": cfg.distributed.mode}
+    lineage = {"git": git_commit(), **run_hashes, "world_size": ctx.world_size, "mode": cfg.distributed.mode}
+    if mismatch:
+        lineage["resume_mismatch"] = mismatch  # resumed on purpose from another run's checkpoint
     windows = val_windows(order, order.seq_len, cfg.eval_tokens)
     fwd = torch.compile(model) if cfg.compile else model
     if start == 0 and ctx.rank == 0:
@@ -319,6 +325,7 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
                             {**lineage, "parent": parent}, per_rank, speeds)
         parent = f"step-{step:07d}"
         if ctx.rank == 0:
+            fresh.committed(ckpt.step_dir(root, step))
             ckpt.prune(root, cfg.keep_last)
         return p
 
@@ -333,7 +340,7 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
             loss, signum = agree(loss, stop.signum, ctx)
             if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
-                good = ckpt.list_steps(root)
+                good = fresh.own(ckpt.list_steps(root))
                 raise TrainingDiverged(f"non-finite loss ({loss}) at step {step}; weights not updated; last good "
                                        f"checkpoint: {good[-1][1] if good else 'none'}")
             gnorm = clip(model, cfg.grad_clip)
