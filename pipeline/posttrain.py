@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.config import Recipe, SFTSourceCfg, load_manifest
-from pipeline.errors import CheckpointError, PipelineError, RecipeError
+from pipeline.errors import CheckpointError, PipelineError, RecipeError, reading
 from pipeline.io import atomic_dir, read_json, sha256_file, write_json
 from pipeline.lineage import provenance
 from pipeline.verify import seal, verify_model_dir
@@ -140,11 +140,13 @@ def _load_messages(src: SFTSourceCfg, allow_paths=(), rfile: str = "<recipe>") -
                 confine(f, f"{rfile}: posttrain.sft.paths", allow_paths)
                 decode_text(Path(f).read_bytes(), f)
             files += [str(f) for f in found]
-        ds = datasets.load_dataset("json", data_files=files, split="train")
+        with reading(", ".join(files), "cannot load as JSON lines"):
+            ds = datasets.load_dataset("json", data_files=files, split="train")
         where = ", ".join(files)
     else:
         hub_or_local(src.repo_id, f"{rfile}: posttrain.sft.repo_id", allow_paths)
-        ds = datasets.load_dataset(src.repo_id, revision=src.revision, split=src.split)
+        with reading(f"{rfile}: posttrain.sft.repo_id {src.repo_id}@{src.revision}", "cannot load"):
+            ds = datasets.load_dataset(src.repo_id, revision=src.revision, split=src.split)
         where = f"{src.repo_id}@{src.revision}"
     return messages_from_dataset(ds, src.messages_field, where)
 

@@ -95,7 +95,10 @@ def run(recipe: Recipe, ingest_dir: Path = INGEST_DIR, out_dir: Path = OUT) -> d
 def _vocab_size(d: Path) -> int:
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    from pipeline.errors import reading
+
+    with reading(d / "tokenizer.json", "not a tokenizers file"):
+        return Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
 
 
 def load(tokenizer_dir: Path = OUT):

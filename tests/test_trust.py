@@ -215,6 +215,12 @@ CASES = {
                                       "argv": ["release", "--recipe", "tests/recipes/pre.yaml"],
                                       "files": {"tests/recipes/pre.yaml": SHORT_YAML + "release: {variant: pretrain}\n"}},
                                      "model.safetensors"),
+    "pretrained-tokenizer-garbage": ({"files": {"tests/recipes/badtok/tokenizer.json": "{garbage",
+                                                R: "base: micro.yaml\ntokenizer: {pretrained_dir: tests/recipes/badtok}\n"},
+                                      "argv": ["tokenizer", "--recipe", R]}, "badtok/tokenizer.json"),
+    # post-training that diverges stops like pretraining, writing nothing
+    "posttrain-lr-explodes": ({"files": {R: "base: micro.yaml\nposttrain: {lr: 1.0e+6, steps: 6, eval_problems: 8}\n"},
+                               "argv": ["posttrain", "--recipe", R]}, "non-finite"),
     # command line
     "batch-step-out-of-range": ({"argv": ["batch", "--step", "1000000"]}, "out of range"),
     "batch-no-blend": ({"argv": ["batch", "--step", "0", "--blend-dir", "nowhere"]}, "blend.json: not found"),
@@ -231,6 +237,9 @@ def test_bad_input_exits_2_naming_it_and_changes_nothing(case, wd, capsys):
     made = []
     for rel, content in spec.get("files", {}).items():
         p = wd / rel
+        if not p.parent.exists():
+            p.parent.mkdir(parents=True)
+            made.append(p.parent)
         if isinstance(content, str) and content.startswith("->"):
             p.symlink_to(content[2:])
         elif isinstance(content, bytes):
@@ -247,8 +256,8 @@ def test_bad_input_exits_2_naming_it_and_changes_nothing(case, wd, capsys):
         try:
             code, err = cli(wd, *spec["argv"], capsys=capsys)
         finally:
-            for p in made:
-                p.unlink()
+            for p in reversed(made):
+                p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
         after = snapshot(wd)
     assert code == 2, err
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("error")]  # progress bars aside

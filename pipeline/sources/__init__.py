@@ -48,8 +48,12 @@ def _hf_documents(source: HFSource, manifest_path: str, allow_paths=()) -> Itera
 
     hub_or_local(source.repo_id, f"{manifest_path}: sources.{source.name}.repo_id", allow_paths)
 
-    ds = datasets.load_dataset(source.repo_id, name=source.config_name, revision=source.revision,
-                               split=source.split)
+    from pipeline.errors import reading
+
+    with reading(f"{manifest_path}: sources.{source.name}.repo_id {source.repo_id}@{source.revision}",
+                 "cannot load"):  # unreachable hub, unknown revision, unreadable files: one line
+        ds = datasets.load_dataset(source.repo_id, name=source.config_name, revision=source.revision,
+                                   split=source.split)
     if source.text_field not in ds.column_names:
         raise RecipeError(manifest_path, f"sources.{source.name}.text_field",
                           f"column {source.text_field!r} not in dataset (columns: {', '.join(ds.column_names)})")
