@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 RECIPE ?= recipes/tiny.yaml
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test test-fast bench clean
+.PHONY: setup repro test test-fast soak bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not e2e"
+
+# every multi-process test 20 times, idle and then beside a CPU hog (hours on 2 cores; not in `make test`)
+soak: $(STAMP)
+	$(BIN)/python tests/soak.py --runs $(or $(RUNS),20)
+	$(BIN)/python tests/soak.py --runs $(or $(RUNS),20) --hog
 
 bench: $(STAMP)
 	$(BIN)/python bench/blend.py

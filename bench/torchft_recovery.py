@@ -29,10 +29,11 @@ def scenario(lighthouse: str, out: Path, width: int) -> tuple[dict, dict]:
         return {"replica": replica, "lighthouse": lighthouse, "rounds": ROUNDS, "inner_steps": H,
                 "out": str(out), "tag": tag, "width": width, **kw}
 
-    r0 = start(spec("r0", 0, wait_for=[[0, "at_r1_0", 0.3], [JOIN_ROUND, "at_r1b_0", 1.0]]))
-    r1 = start(spec("r1", 1, kill_at_step=KILL_ROUND * H + 1, wait_for=[[0, "at_r0_0"]]))
+    # ordered as tests/test_lowcomm_torchft.py orders the kill test (Lighthouse state and files)
+    r0 = start(spec("r0", 0, wait_for=[[0, "participants_healthy", 1], [JOIN_ROUND, "participants_healthy", 1]]))
+    r1 = start(spec("r1", 1, kill_at_step=KILL_ROUND * H + 1, wait_for=[[0, "heartbeating", 2]]))
     r1.wait(timeout=300)
-    r1b = start(spec("r1b", 1, wait_for=[[0, f"at_r0_{JOIN_ROUND}"]]))
+    r1b = start(spec("r1b", 1, start_after=f"at_r0_{JOIN_ROUND}"))
     for p in (r0, r1b):
         p.wait(timeout=300)
     if (r0.returncode, r1b.returncode) != (0, 0):

@@ -56,3 +56,18 @@ def copy_workdir(tmp_path):
         shutil.copytree(src, dst, symlinks=True)
         return dst
     return _copy
+
+
+# --------------------------------------------------------------------------- soak (make soak)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--repeat", type=int, default=1,
+                     help="run each selected test N times (tests/soak.py uses it to prove stability)")
+
+
+def pytest_generate_tests(metafunc):
+    n = metafunc.config.getoption("--repeat")
+    if n > 1:
+        metafunc.fixturenames.append("soak_run")
+        metafunc.parametrize("soak_run", range(n), ids=[f"run{i + 1:02d}" for i in range(n)])

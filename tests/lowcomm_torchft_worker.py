@@ -3,8 +3,11 @@
     python -m tests.lowcomm_torchft_worker '<json spec>'
 
 spec: replica (int), lighthouse (address), rounds, inner_steps, out (dir), compression (kind),
-      wait_for ([[round, file name, delay s], ...]: before that round, wait until the file exists
-      in out, then sleep `delay` (so the peer that touched it is the first to ask for the quorum)),
+      wait_for ([[round, what, n], ...]: before asking for the quorum of that round, wait until
+      what is true: what = a file name in out (n omitted: the file exists), or a key of
+      pipeline.lowcomm.ft.lighthouse_status ("participants_healthy": peers already asking for the
+      next quorum; "heartbeating": replicas alive) that reaches n. Ordering is by files and by the
+      Lighthouse's own state, never by sleeping),
       kill_at_step (SIGKILL itself after that inner step, or null), tag (name of the result file),
       start_after (a file name in out: wait for it before starting the Manager, so that the
       lighthouse does not see this replica heartbeating before it is meant to join).
@@ -47,7 +50,7 @@ def _tensors(obj):
 
 
 def main(spec: dict) -> None:
-    from pipeline.lowcomm.ft import ManagerComm, ReplicaState, make_manager, run_rounds, tensor_sha256
+    from pipeline.lowcomm.ft import ManagerComm, start_replica, tensor_sha256, wait_lighthouse
     from pipeline.lowcomm.loop import make_strategy
     from tests.test_lowcomm import batch_of, dist_cfg, mse, tiny_model, val_loss
 
@@ -68,31 +71,28 @@ def main(spec: dict) -> None:
     opt = strategy.build_optimizer(list(model.parameters()),
                                    lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.0))
     strategy.setup(model)
-    replica = ReplicaState(model, opt, strategy)
     if spec.get("start_after"):
         wait_for(out / spec["start_after"])
-    manager, pg, store = make_manager(f"replica{spec['replica']}", spec["lighthouse"], replica,
-                                      timeout_seconds=10, quorum_timeout_seconds=60)
-    comm.manager, comm.pg = manager, pg
 
-    waits = {int(w[0]): w[1:] for w in spec.get("wait_for", [])}
+    waits: dict[int, list] = {}
+    for r, *what in spec.get("wait_for", []):
+        waits.setdefault(int(r), []).append(what)
 
     def on_round(r: int) -> None:
         (out / f"at_{spec['tag']}_{r}").touch()
-        if r in waits:
-            name, *delay = waits.pop(r)
-            wait_for(out / name)
-            time.sleep(delay[0] if delay else 0.0)
+        for what in waits.pop(r, []):
+            if len(what) == 1:
+                wait_for(out / what[0])
+            else:
+                wait_lighthouse(spec["lighthouse"], what[0], int(what[1]))
 
     def on_step(step: int, loss: float) -> None:
         if spec.get("kill_at_step") is not None and step == spec["kill_at_step"]:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    try:
-        log = run_rounds(model, strategy, opt, replica, manager, comm, batch_of, mse, spec["rounds"],
-                         on_round=on_round, on_step=on_step)
-    finally:
-        manager.shutdown(wait=False)
+    log, replica = start_replica(f"replica{spec['replica']}", spec["lighthouse"], model, strategy, opt, comm,
+                                 batch_of, mse, spec["rounds"], timeout_seconds=10,
+                                 quorum_timeout_seconds=60, on_round=on_round, on_step=on_step)
     healed = replica.healed[0] if replica.healed else None
     result = {
         "log": [{k: v for k, v in e.items()} for e in log],

@@ -102,11 +102,11 @@ def test_late_joiner_heals_from_a_peer_and_trains_on(tmp_path, lighthouse):
     # int4 + error feedback: the packed messages go through an all-gather on torchft's process
     # group (the fp32 all-reduce through manager.allreduce is the kill test's path)
     rounds, join, compression = 12, 3, "int4"
-    # replica 0 trains alone; at round `join` the two line up so replica 1 asks to join right then
+    # replica 0 trains alone; before round `join` it waits until the Lighthouse shows replica 1
+    # asking for a quorum, so that replica 1 joins exactly at round `join`
     r0 = start(spec(tmp_path, lighthouse, 0, "r0", rounds, compression=compression,
-                    wait_for=[[join, "at_r1_0", 1.0]]))
-    # (a replica that heartbeats but does not ask for a quorum holds up a first quorum: torchft's
-    # split-brain rule wants half of the live replicas, so replica 1 starts its Manager only then)
+                    wait_for=[[join, "participants_healthy", 1]]))
+    # replica 1 starts its Manager (and so heartbeats) only once replica 0 is at round `join`
     r1 = start(spec(tmp_path, lighthouse, 1, "r1", rounds, compression=compression,
                     start_after=f"at_r0_{join}"))
     finish([r0, r1], tmp_path)
@@ -141,20 +141,24 @@ def test_late_joiner_heals_from_a_peer_and_trains_on(tmp_path, lighthouse):
 def test_sigkilled_worker_does_not_stop_the_run_and_heals_when_restarted(tmp_path, lighthouse):
     rounds, kill_round = 10, 2
     kill_step = kill_round * H + 1                 # inside the inner phase of round `kill_round`
-    # both wait for each other at round 0 so the first quorum has both (0.3 s: the lighthouse has
-    # seen replica 1's heartbeat by then); replica 0 waits again before round 6 for the restarted
-    # replica 1 (tag r1b), so that it is already asking to join when replica 0 asks
+    # Order, by the Lighthouse's state and by files (no sleeps):
+    # round 0: replica 1 asks once both replicas heartbeat; replica 0 asks once replica 1 is asking,
+    #          so the first quorum has both;
+    # round 6: the restarted replica 1 (tag r1b) starts its Manager only when replica 0 is at round
+    #          6 (a replica that heartbeats but does not ask for a quorum blocks the survivor's
+    #          first quorum after the kill: torchft's split-brain rule; the cause of issue 18), and
+    #          replica 0 asks once r1b is asking, so r1b joins exactly at round 6.
     r0 = start(spec(tmp_path, lighthouse, 0, "r0", rounds,
-                    wait_for=[[0, "at_r1_0", 0.3], [6, "at_r1b_0", 1.0]]))
+                    wait_for=[[0, "participants_healthy", 1], [6, "participants_healthy", 1]]))
     r1 = start(spec(tmp_path, lighthouse, 1, "r1", rounds, kill_at_step=kill_step,
-                    wait_for=[[0, "at_r0_0"]]))
+                    wait_for=[[0, "heartbeating", 2]]))
     try:
         r1.wait(timeout=120)
     except subprocess.TimeoutExpired:
         r0.kill(), r1.kill()
         pytest.fail("replica 1 did not reach its kill step; logs:\n" + logs(tmp_path))
     assert r1.returncode == -signal.SIGKILL, logs(tmp_path)
-    r1b = start(spec(tmp_path, lighthouse, 1, "r1b", rounds, wait_for=[[0, "at_r0_6"]]))
+    r1b = start(spec(tmp_path, lighthouse, 1, "r1b", rounds, start_after="at_r0_6"))
     finish([r0, r1b], tmp_path)
     assert (r0.returncode, r1b.returncode) == (0, 0), logs(tmp_path)
     a, b = result(tmp_path, "r0"), result(tmp_path, "r1b")

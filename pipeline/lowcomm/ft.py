@@ -33,6 +33,15 @@ step). torchft's own state (its step = rounds committed) comes with it, so the d
 its error-feedback residual: the mean residual over the participants, which is what the next
 compressed mean adds back, stays what it was. Participating ranks follow the sorted replica ids.
 
+Starting a replica (first start or restart after a crash): build the model, optimizer, strategy
+and data first, and create the Manager (make_manager) only right before the first round. A Manager
+heartbeats to the Lighthouse from the moment it exists, and the Lighthouse will not form a new
+quorum while half or more of the heartbeating replicas are not asking for one (torchft's split-brain
+rule, src/lighthouse.rs quorum_compute). A restarted replica that heartbeats but spends seconds in
+set-up therefore stalls every survivor whose next quorum is not a "fast" one (the first quorum after
+a peer died) for that long; a replica that heartbeats and never asks (a test holding it back) stalls
+them until the quorum timeout. `start_replica` enforces the order: set-up done, Manager, first quorum.
+
 Limits: whole rounds only (fragments=1, no synchronous warm-up); a replica group is one process;
 a collective that hangs rather than fails is cut off by the Manager timeout (gloo timeout).
 """
@@ -41,7 +50,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 import time
+import urllib.request
 from datetime import timedelta
 from typing import Callable
 
@@ -180,6 +191,55 @@ def make_manager(replica_id: str, lighthouse_addr: str, replica: ReplicaState, m
                       connect_timeout=timeout, init_sync=False,
                       checkpoint_transport=safe_http_transport(timeout))
     return manager, pg, store
+
+
+_STATUS = re.compile(r"\[(\d+)/(\d+) participants healthy\]\[(\d+) heartbeating\]")
+
+
+def lighthouse_status(address: str, timeout: float = 5.0) -> dict:
+    """What the Lighthouse will decide next, read from its /status page (torchft's dashboard):
+    participants_healthy (replicas asking for the next quorum, alive), participants (asking),
+    heartbeating (alive), status (torchft's one-line reason)."""
+    with urllib.request.urlopen(address.rstrip("/") + "/status", timeout=timeout) as f:
+        page = f.read().decode("utf-8", "replace")
+    line = next((ln for ln in page.splitlines() if "Next quorum status:" in ln), "")
+    m = _STATUS.search(line)
+    if m is None:
+        raise RuntimeError(f"torchft lighthouse {address}: unrecognised /status page: {line or page[:200]!r}")
+    return {"participants_healthy": int(m[1]), "participants": int(m[2]), "heartbeating": int(m[3]),
+            "status": line.split("Next quorum status:", 1)[1].strip()}
+
+
+def wait_lighthouse(address: str, key: str, at_least: int, seconds: float = 120.0) -> dict:
+    """Block until lighthouse_status(address)[key] >= at_least (polling its state, not guessing by time)."""
+    end = time.monotonic() + seconds
+    while True:
+        st = lighthouse_status(address)
+        if st[key] >= at_least:
+            return st
+        if time.monotonic() > end:
+            raise TimeoutError(f"torchft lighthouse {address}: {key} stayed below {at_least} for "
+                               f"{seconds} s; last status: {st['status']}")
+        time.sleep(0.02)
+
+
+def start_replica(replica_id: str, lighthouse_addr: str, model: torch.nn.Module, strategy, optimizer,
+                  comm: "ManagerComm", batch_of, loss_of, rounds: int, **kw) -> tuple[list[dict], "ReplicaState"]:
+    """Join (or rejoin) the job and train until `rounds` rounds are committed.
+
+    Everything slow (model, optimizer, strategy set-up, data) must be done before this is called:
+    the Manager is created here, and the first quorum is asked for at once, so a (re)starting
+    replica heartbeats only while it is ready to join (see the module docstring). `kw` goes to
+    make_manager (timeouts) and run_rounds (hooks)."""
+    mk = {k: kw.pop(k) for k in ("min_replicas", "timeout_seconds", "quorum_timeout_seconds") if k in kw}
+    replica = ReplicaState(model, optimizer, strategy)
+    manager, pg, store = make_manager(replica_id, lighthouse_addr, replica, **mk)
+    comm.manager, comm.pg = manager, pg
+    try:
+        return run_rounds(model, strategy, optimizer, replica, manager, comm, batch_of, loss_of, rounds, **kw), replica
+    finally:
+        manager.shutdown(wait=False)
+        del store
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
