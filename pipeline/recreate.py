@@ -94,7 +94,7 @@ def verify_release(lineage: dict, release: Path) -> None:
     if not isinstance(files, dict) or not files:
         raise DataIntegrityError(f"{release / 'lineage.json'}: lists no release files (`files`); "
                                  "cannot verify this release (made by an older version?)")
-    verify_tree(release, files, f"{release / 'lineage.json'}", skip=("lineage.json",), hidden=True)
+    verify_tree(release, files, "lineage.json", skip=("lineage.json",), hidden=True)
     data = _get(lineage, "data", kind=dict)
     quoted = {"model.safetensors": lineage.get("model_sha256"), "data/indices.npy": data.get("indices_sha256"),
               "data/blend.json": data.get("blend_json_sha256"),
