@@ -283,40 +283,42 @@ def test_debug_shows_the_traceback(wd, capsys):
 # --------------------------------------------------------------------------- concurrent runs and kills
 
 
-BLOCKED_PRETRAIN = """
+BLOCKED_STAGE = """
 import sys
-from pathlib import Path
-import pipeline.pretrain.launch as launch
-real = launch.run
+import pipeline.blend as stage
+real = stage.run
 def gated(*a, **k):
     print("holding the lock", flush=True)   # the barrier: the test reads this line
     sys.stdin.read()                         # ...and releases us by closing stdin
     return real(*a, **k)
-launch.run = gated
-import pipeline.pretrain
-pipeline.pretrain.run = gated
+stage.run = gated
 from pipeline.cli import main
-sys.exit(main(["pretrain", "--recipe", "tests/recipes/short.yaml"]))
+sys.exit(main(["blend", "--recipe", "tests/recipes/micro.yaml"]))
 """
 
 
 def test_two_runs_at_once_the_second_refuses_naming_the_first(wd, tmp_path, capsys):
+    """Two `omp blend` in one folder (the lock is the same for every stage command, pretrain included):
+    the second refuses naming the first's pid and touches nothing; the first then finishes."""
     work = tmp_path / "w"
     shutil.copytree(wd, work, symlinks=True)
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(REPO)}
-    first = subprocess.Popen([sys.executable, "-c", BLOCKED_PRETRAIN], cwd=work, env=env,
+    first = subprocess.Popen([sys.executable, "-c", BLOCKED_STAGE], cwd=work, env=env,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # ordered by pipes: the first run holds the lock from the line it prints until we close its stdin
         assert first.stdout.readline().strip() == "holding the lock", first.stderr.read()
         before = snapshot(work)
-        code, err = cli(work, "pretrain", "--recipe", "tests/recipes/short.yaml", capsys=capsys)
-        assert code == 2 and f"in use by pid {first.pid}" in err and "artifacts/pretrain" in err
+        code, err = cli(work, "blend", "--recipe", MICRO, capsys=capsys)
+        assert code == 2 and f"in use by pid {first.pid}" in err and "artifacts/blend" in err
         assert snapshot(work) == before  # the refused run touched nothing
     finally:
         out, errs = first.communicate("")
     assert first.returncode == 0, errs[-2000:]
-    lock = work / "artifacts/.pretrain.lock"
+    from pipeline.verify import verify_stage
+
+    verify_stage(work / "artifacts/blend")
+    lock = work / "artifacts/.blend.lock"
     assert not lock.exists()
     # a lock left by a killed process (its pid is gone) is stale and taken over
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
