@@ -78,6 +78,7 @@ def run(recipe: Recipe, ingest_dir: Path = INGEST_DIR, out_dir: Path = OUT) -> d
     with atomic_dir(out_dir) as tmp:
         if cfg.pretrained_dir:
             src = confine(cfg.pretrained_dir, f"{recipe_path(recipe)}: tokenizer.pretrained_dir", recipe.allow_paths)
+            _vocab_size(src)  # a file tokenizers cannot read is refused naming it, before it is copied
             for f in sorted(src.iterdir()):
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
