@@ -17,7 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, DataIntegrityError
 from pipeline.io import _fsync_dir, read_json, sha256_file, write_json
 
 NAME = re.compile(r"^step-(\d{7})$")
@@ -69,7 +69,7 @@ def verify(path: Path) -> dict:
     try:
         manifest = read_json(mpath)
         files = manifest["files"]
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, DataIntegrityError) as e:
         raise CheckpointError(f"{mpath}: unreadable manifest ({e})") from None
     for name, rec in files.items():
         f = path / name
