@@ -385,7 +385,8 @@ def load_model(model_dir: Path):
         raise CheckpointError(f"{model_dir}: no config.json + model.safetensors; run the pretrain stage first")
     verify_model_dir(model_dir)  # weights, config and tokenizer as the pretrain stage recorded them
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    # local_files_only fixed, not taken from HF_HUB_OFFLINE: transformers saves it in tokenizer_config.json
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     if tok.chat_template is None:
         raise CheckpointError(f"{model_dir}: tokenizer has no chat template")
     return model.eval(), tok

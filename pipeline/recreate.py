@@ -226,7 +226,11 @@ def expected_files(lineage: dict, workdir: Path, until: str) -> dict[str, Path]:
     (out / "data").mkdir()
     for f in ("indices.npy", "blend.json"):
         shutil.copyfile(art / "blend" / f, out / "data" / f)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(lineage["recipe"], sort_keys=False), encoding="utf-8")
+    from pipeline.config import recipe_dict
+
+    # as `omp release` writes it: the recipe's field order (lineage.json stores its keys sorted)
+    recipe = recipe_dict(Recipe.model_validate(lineage["recipe"]))
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return {p.relative_to(out).as_posix(): p for p in sorted(out.rglob("*")) if p.is_file()}
 
 

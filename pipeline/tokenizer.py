@@ -107,7 +107,7 @@ def load(tokenizer_dir: Path = OUT):
     from transformers import AutoTokenizer
 
     verify_stage(tokenizer_dir)
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
 
 
 def eos_id(tokenizer_dir: Path = OUT) -> int:

@@ -156,7 +156,9 @@ def _load(model_dir: Path):
         raise CheckpointError(f"{model_dir}: no model.safetensors; run the posttrain stage first")
     verify_model_dir(model_dir)  # as the posttrain stage recorded it
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
-    return model.eval(), AutoTokenizer.from_pretrained(str(model_dir))
+    # local_files_only: a local folder, and transformers writes this flag into the tokenizer_config.json
+    # it saves; left to the environment (HF_HUB_OFFLINE), two runs would differ in that byte
+    return model.eval(), AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
 
 
 def _entry(name, fmt, path: Path, rel: str, ppl: float, base: float) -> dict:
