@@ -1,56 +1,76 @@
-"""Training throughput: our trainer vs a bare reference loop, on the same batches, in one run.
+"""Training throughput: our trainer vs a bare loop with the same settings, tokens/s and MFU, in one run.
 
-The reference loop is the same transformers LlamaForCausalLM + torch AdamW over the same
-published batches (pre-loaded as tensors), with no pipeline code: no strategy, byte counting,
-stop/NaN agreement, schedule or progress bar. Both use the same torch thread count. Our number is
-the trainer's own step-loop tokens/s (evaluations and checkpoint writes excluded, as in
-metrics.json); `overhead` = 1 - ours / reference.
+The bare loop is the same transformers LlamaForCausalLM, the same AdamW (fused on CUDA, foreach on
+CPU), the same clip, bf16 autocast and torch.compile setting, under the same determinism settings
+(`set_determinism`), over the same published batches already on the device: no pipeline code (no
+strategy, byte counting, stop agreement, schedule, sync points, progress bar). Both exclude the
+same warm-up steps (1, or 3 with compile) from their steady-state tokens/s; ours is the trainer's
+own `metrics.json` tokens_per_s (evaluations and checkpoint writes excluded).
 
-    python bench/throughput.py [--recipe recipes/tiny.yaml] [--steps 30] [--models tiny,20m]
+MFU = 6 · N · tokens/s / peak FLOP/s, with N the non-embedding parameters (Kaplan et al. 2020,
+"Scaling Laws for Neural Language Models", C ≈ 6N per token; attention's 6·L·s·d term is left
+out, so MFU is slightly understated at long sequences). Peak: --peak-tflops, or the dense bf16
+peak of a known GPU (H100/H200 SXM 989 TFLOP/s, A100 312).
+
+    python bench/throughput.py --device cpu --models tiny --steps 40
+    python bench/throughput.py --device cuda --models 125m --compile --precision bf16 --steps 60
 
 Needs the data stages' artifacts (artifacts/blend, tokenize, tokenizer) in the working directory.
-On a GPU it also prints MFU (6 x params x tokens/s over the GPU's peak bf16 FLOP/s).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from pipeline.config import load_recipe
-from pipeline.data import PublishedOrder
-from pipeline.model import build_model, count_params, special_ids, vocab_size
-
 SIZES = {
     "tiny": None,  # the recipe's own model
     "20m": {"layers": 6, "hidden_size": 512, "heads": 8, "kv_heads": 4, "intermediate_size": 1376},
-    "125m": {"layers": 12, "hidden_size": 768, "heads": 12, "kv_heads": 12, "intermediate_size": 2048},
+    "125m": {"layers": 12, "hidden_size": 768, "heads": 12, "kv_heads": 12, "intermediate_size": 2048,
+             "tie_embeddings": False},
+    "350m": {"layers": 24, "hidden_size": 1024, "heads": 16, "kv_heads": 16, "intermediate_size": 2816,
+             "tie_embeddings": False},
+    "1b": {"layers": 22, "hidden_size": 2048, "heads": 32, "kv_heads": 4, "intermediate_size": 5632,
+           "tie_embeddings": False},
 }
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def reference_loop(recipe, batches: list[torch.Tensor], device, autocast: bool) -> float:
-    """tokens/s of a plain loop: forward, backward, clip, AdamW step."""
+def non_embedding_params(model) -> int:
+    """Parameters outside the token embedding and the output head (counted once if tied)."""
+    skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in skip)
+
+
+def bare_loop(recipe, batches: list, device, autocast: bool, compile_: bool, warm: int) -> float:
+    """Steady-state tokens/s of a plain loop: forward, backward, clip, AdamW step, zero_grad."""
+    import torch
+
+    from pipeline.model import build_model, special_ids, vocab_size
+    from pipeline.pretrain.engines import make_adamw
+
     cfg = recipe.pretrain
     tok_dir = Path("artifacts/tokenizer")
     model = build_model(cfg.model, vocab_size(tok_dir), batches[0].shape[1], special_ids(tok_dir),
                         seed=recipe.seed).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    opt = make_adamw(cfg, device)(model.parameters())
+    fwd = torch.compile(model) if compile_ else model
     batches = [b.to(device) for b in batches]
-    warm = 0  # the trainer's tokens/s counts every step too
+    t0 = time.perf_counter()
     for i, x in enumerate(batches):
         if i == warm:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
+        micro = x.chunk(cfg.grad_accum_steps)
+        for m in micro:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = fwd(input_ids=m, labels=m).loss / len(micro)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or 1e9)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -59,52 +79,74 @@ def reference_loop(recipe, batches: list[torch.Tensor], device, autocast: bool) 
     return sum(b.numel() for b in batches[warm:]) / (time.perf_counter() - t0)
 
 
-def ours(recipe, out: Path) -> dict:
-    from pipeline.pretrain.trainer import train
-
-    return train(recipe, out)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", default="recipes/tiny.yaml")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--models", default="tiny,20m")
-    a = ap.parse_args()
+    ap.add_argument("--models", default="tiny", help=f"comma-separated: {', '.join(SIZES)}")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both loops")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default: by GPU name)")
+    ap.add_argument("--repeats", type=int, default=1, help="alternate ours/bare this many times; report the best")
+    a = ap.parse_args(argv)
+    if a.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""   # before anything initialises CUDA
+
+    import numpy as np
+    import torch
+
+    from pipeline.config import load_recipe
+    from pipeline.data import PublishedOrder
+    from pipeline.model import build_model, count_params, vocab_size
+    from pipeline.pretrain.trainer import cpu_cores, set_determinism, train, warmup_steps
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    order = PublishedOrder()
     rows = []
     for size in a.models.split(","):
         over = {"pretrain": {"steps": a.steps, "eval_every_steps": 10**6, "checkpoint_every_steps": 10**6,
-                             "eval_tokens": 256, "log_every_steps": 10**6}}
+                             "eval_tokens": 256, "log_every_steps": 10**6, "compile": a.compile,
+                             "precision": a.precision}}
         if SIZES[size]:
             over["pretrain"]["model"] = SIZES[size]
         recipe = load_recipe(a.recipe, overrides=over)
-        order = PublishedOrder()
-        batches = [torch.from_numpy(np.ascontiguousarray(order.batch(s))) for s in range(a.steps)]
-        with tempfile.TemporaryDirectory() as tmp:
-            m = ours(recipe, Path(tmp) / "pretrain")
-        autocast = device.type == "cuda" and recipe.pretrain.precision != "fp32"
-        ref = reference_loop(recipe, batches, device, autocast)
-        n = count_params(build_model(recipe.pretrain.model, vocab_size(Path("artifacts/tokenizer")), order.seq_len))
-        row = {"model": size, "params": n, "ours": m["tokens_per_s"], "reference": ref}
-        if device.type == "cuda":
+        cfg = recipe.pretrain
+        threads = cfg.threads or cpu_cores()
+        warm = warmup_steps(cfg)
+        autocast = device.type == "cuda" and cfg.precision != "fp32" or cfg.precision == "bf16"
+        batches = [torch.from_numpy(np.ascontiguousarray(order.batch(s))) for s in range(min(a.steps, order.steps))]
+        ours, bare = [], []
+        for _ in range(a.repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                ours.append(train(recipe, Path(tmp) / "pretrain")["tokens_per_s"])
+            set_determinism(threads, device)
+            bare.append(bare_loop(recipe, batches, device, autocast, a.compile, warm))
+        with torch.device("meta"):
+            m = build_model(cfg.model, vocab_size(Path("artifacts/tokenizer")), order.seq_len)
+        n_total, n = count_params(m), non_embedding_params(m)
+        peak = a.peak_tflops
+        if peak is None and device.type == "cuda":
             name = torch.cuda.get_device_name()
-            peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-            row["mfu"] = 6 * n * m["tokens_per_s"] / peak if peak else None
-        rows.append(row)
-    print(f"\ndevice: {device} ({torch.get_num_threads()} threads), {a.steps} steps of "
-          f"{order.batch_size}x{order.seq_len} tokens\n")
-    print("| model | params | ours tokens/s | reference tokens/s | ours / reference | overhead |"
-          + (" MFU |" if device.type == "cuda" else ""))
-    print("|---|---:|---:|---:|---:|---:|" + ("---:|" if device.type == "cuda" else ""))
+            peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        rows.append({"model": size, "params": n_total, "N": n, "ours": max(ours), "bare": max(bare), "peak": peak})
+
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"\ndevice: {where}; {a.steps} steps of {order.batch_size}x{order.seq_len} tokens; compile={a.compile}; "
+          f"precision={a.precision}; deterministic; best of {a.repeats}; first {warm} step(s) excluded")
+    print("MFU = 6 * N * tokens/s / peak, N = non-embedding parameters\n")
+    print("| model | params | N (non-emb.) | ours tokens/s | bare tokens/s | ours / bare | MFU ours | MFU bare |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        ratio = r["ours"] / r["reference"]
-        line = (f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['ours']:,.0f} | {r['reference']:,.0f} | "
-                f"{ratio:.3f} | {100 * (1 - ratio):+.1f}% |")
-        if device.type == "cuda":
-            line += f" {r['mfu']:.1%} |" if r.get("mfu") else " n/a |"
-        print(line)
+        def mfu(tps):
+            return f"{6 * r['N'] * tps / (r['peak'] * 1e12):.1%}" if r["peak"] else "n/a"
+        print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['N'] / 1e6:.1f}M | {r['ours']:,.0f} | {r['bare']:,.0f} | "
+              f"{r['ours'] / r['bare']:.3f} | {mfu(r['ours'])} | {mfu(r['bare'])} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -53,6 +53,10 @@ class Comm:
         self.calls = 0
         self.by_kind: dict[str, int] = defaultdict(int)
 
+    def count(self, kind: str, nbytes: int) -> None:
+        """Count bytes a worker would send without a collective (world size 1)."""
+        self._count(kind, nbytes)
+
     def _count(self, kind: str, nbytes: int) -> None:
         self.bytes_sent += nbytes
         self.by_kind[kind] += nbytes

@@ -42,10 +42,60 @@ Beta = Annotated[Float, Field(ge=0, lt=1)]
 # --------------------------------------------------------------------------- data manifest
 
 
+class LanguageStep(Strict):
+    """Keep a document when py3langid's most likely language is one of `languages` with at least
+    `min_score` (normalized probability), scored on its first `score_chars` characters."""
+    kind: Literal["language"]
+    languages: Annotated[list[str], Field(min_length=1)] = ["en"]
+    min_score: Annotated[Float, Field(ge=0, le=1)] = 0.5
+    score_chars: PosInt = 20_000
+
+
+class QualityStep(Strict):
+    """Heuristic quality rules after Gopher (Rae et al. 2021, appendix A.1.1); null turns a rule off.
+    Words are whitespace-separated; a document failing any rule is removed."""
+    kind: Literal["quality"]
+    min_words: NonNegInt | None = 50
+    max_words: PosInt | None = 100_000
+    min_mean_word_chars: Annotated[Float, Field(ge=0)] | None = 3.0
+    max_mean_word_chars: Annotated[Float, Field(gt=0)] | None = 10.0
+    max_symbol_word_ratio: Annotated[Float, Field(ge=0)] | None = 0.1      # '#' and '...' per word
+    max_ellipsis_line_ratio: Annotated[Float, Field(ge=0, le=1)] | None = 0.3
+    max_bullet_line_ratio: Annotated[Float, Field(ge=0, le=1)] | None = 0.9
+    min_alpha_word_ratio: Annotated[Float, Field(ge=0, le=1)] | None = 0.8  # words with a letter
+    min_stopwords: NonNegInt | None = 2   # of: the be to of and that have with
+
+
+# A filter step is one of these models (discriminated by `kind`) plus a builder registered under the
+# same kind in pipeline/sources/filters.py: that pair is all a new step needs.
+FilterStep = Annotated[Union[LanguageStep, QualityStep], Field(discriminator="kind")]
+
+
+class NearDedup(Strict):
+    """MinHash near-duplicate removal (Broder 1997) with LSH banding: documents whose estimated
+    Jaccard similarity of word `ngram`-shingles is >= threshold are one cluster; the one with the
+    smallest sha256 of its text survives, whatever the order or the worker count."""
+    threshold: Annotated[Float, Field(gt=0, le=1)] = 0.8
+    num_perm: Annotated[StrictInt, Field(ge=16, le=1024)] = 128
+    ngram: PosInt = 5
+    seed: StrictInt = 1
+
+
 class Filters(Strict):
     min_chars: NonNegInt = 1
     max_chars: PosInt | None = None
+    steps: list[FilterStep] = []  # per-document steps after the length filter, in this order
     dedup: StrictBool = True  # drop exact duplicate documents (first one kept)
+    near_dedup: NearDedup | None = None  # after exact dedup
+
+    @field_validator("steps")
+    @classmethod
+    def _unique_steps(cls, v):
+        kinds = [s.kind for s in v]
+        dup = sorted({k for k in kinds if kinds.count(k) > 1})
+        if dup:
+            raise ValueError(f"each step kind at most once (repeated: {', '.join(dup)})")
+        return v
 
 
 class SourceBase(Strict):
@@ -128,6 +178,11 @@ class Manifest(Strict):
 class DataCfg(Strict):
     manifest: str = "data_manifests/tiny.yaml"
     lock: StrictBool = True  # verify ingested content against data_manifests/<mix>.lock.json
+    # where ingest and tokenize run their units of work; the output is byte-identical either way
+    executor: Literal["local", "ray"] = "local"
+    workers: PosInt | None = None      # ray: units at once (None: every CPU of the Ray cluster)
+    ray_address: str | None = None     # ray: a cluster to join (None: $RAY_ADDRESS, else a local Ray)
+    unit_docs: PosInt = 1000           # ingest: raw documents per unit of work (hub sources: one shard)
 
 
 class TokenizerCfg(Strict):
@@ -231,6 +286,12 @@ class DPOCfg(Strict):
     pairs: PosInt = 2000              # correct vs incorrect arithmetic answers (training split only)
 
 
+# where posttrain / quantize / evaluate run (pipeline/device.py): auto = CUDA when present, else CPU;
+# precision auto = bf16 autocast on CUDA, fp32 on CPU (the offline default: CPU, fp32, bitwise)
+StageDevice = Literal["auto", "cpu", "cuda"]
+StagePrecision = Literal["auto", "fp32", "bf16"]
+
+
 class PosttrainCfg(Strict):
     sft: list[SFTSourceCfg] = [SFTSourceCfg(kind="builtin", builtin="arithmetic-qa", max_examples=4000),
                                SFTSourceCfg(kind="builtin", builtin="python-docs-qa", max_examples=1000)]
@@ -244,6 +305,8 @@ class PosttrainCfg(Strict):
     dpo: DPOCfg = DPOCfg()
     eval_problems: PosInt = 200       # held-out arithmetic problems for arith_em_before / _after
     seed: StrictInt | None = None           # defaults to the recipe seed
+    device: StageDevice = "auto"
+    precision: StagePrecision = "auto"
 
 
 # --- quantization (pipeline/quantize/)
@@ -257,6 +320,8 @@ class QuantizeCfg(Strict):
     seq_len: PosInt | None = None     # defaults to blend.seq_len
     gptq_damp: Annotated[Float, Field(gt=0, lt=1)] = 0.01
     gguf: list[Literal["F16", "Q8_0", "Q4_0"]] = ["F16", "Q8_0", "Q4_0"]
+    device: StageDevice = "auto"      # calibration and perplexity forwards; quantized files are the same format
+    precision: StagePrecision = "auto"
 
 
 # --- evaluation (pipeline/evaluate/)
@@ -278,6 +343,8 @@ class EvaluateCfg(Strict):
     gguf_server_python: str | None = None
     contamination_ngram: PosInt = 13  # n-gram length (tokens) for the overlap check against training
     bootstrap_rounds: PosInt = 200    # Bradley-Terry 95% intervals
+    device: StageDevice = "auto"      # lm-eval's HFLM device for the HF variants
+    precision: StagePrecision = "auto"
 
 
 # --- pretraining (pipeline/pretrain/, pipeline/model.py)
@@ -368,11 +435,14 @@ class Recipe(Strict):
 # --------------------------------------------------------------------------- loading
 
 
+_TAGS = ("builtin", "hf", "local", "language", "quality")  # discriminator values of sources and steps
+
+
 def _format_errors(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         # drop discriminator tags pydantic inserts (e.g. 'builtin') so the path reads like the YAML
-        loc = [str(x) for x in e["loc"] if x not in ("builtin", "hf", "local") or x == e["loc"][-1]]
+        loc = [str(x) for x in e["loc"] if x not in _TAGS or x == e["loc"][-1]]
         key = ".".join(loc) if loc else "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -484,9 +554,19 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
     return recipe.model_dump(mode="json")
 
 
+# Keys that choose where the data stages run, never what they write (tests/test_data_executor.py):
+# left out of recipe_sha256, so a run on Ray has the recipe hash of the same run in one process.
+EXECUTION_ONLY = {"data": ("executor", "workers", "ray_address", "unit_docs")}
+
+
 def recipe_sha256(recipe: Recipe) -> str:
-    """Hash of the resolved recipe (defaults filled in, bases merged), independent of YAML layout."""
-    return sha256_bytes(canonical_json(recipe_dict(recipe)).encode())
+    """Hash of the resolved recipe (defaults filled in, bases merged), independent of YAML layout
+    and of the EXECUTION_ONLY keys."""
+    full = recipe_dict(recipe)
+    for section, keys in EXECUTION_ONLY.items():
+        for key in keys:
+            full[section].pop(key, None)
+    return sha256_bytes(canonical_json(full).encode())
 
 
 def recipe_path(recipe: Recipe) -> str:

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.config import Recipe, SFTSourceCfg, load_manifest
+from pipeline.device import autocast as device_autocast
+from pipeline.device import resolve as resolve_device
 from pipeline.errors import CheckpointError, PipelineError, RecipeError, reading
 from pipeline.io import atomic_dir, read_json, sha256_file, write_json
 from pipeline.lineage import provenance
@@ -217,9 +219,11 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model, batch: dict, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sum of log p(label) over labelled tokens, and the count of those tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    with device_autocast(model.device, precision):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
     lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -275,7 +279,7 @@ def sft(model, tok, examples: list[Example], cfg, seed: int) -> list[float]:
     for idx in tqdm(_batches(len(examples), cfg.batch_size, cfg.steps, f"{seed}-sft-order"),
                     total=cfg.steps, desc="sft", mininterval=2):
         batch = collate([examples[i] for i in idx], tok.pad_token_id)
-        lp, n = token_logprobs(model, batch)
+        lp, n = token_logprobs(model, batch, cfg.precision)
         loss = -lp.sum() / n.sum().clamp(min=1)
         check_finite(loss.item(), model, "sft", len(losses))
         loss.backward()
@@ -305,7 +309,7 @@ def preference_pairs(recipe: Recipe, ingest_dir: Path = INGEST_DIR) -> list[tupl
     return out
 
 
-def dpo(model, tok, pairs, cfg, max_len: int, seed: int) -> list[dict]:
+def dpo(model, tok, pairs, cfg, max_len: int, seed: int, precision: str = "fp32") -> list[dict]:
     """Direct preference optimization (Rafailov et al. 2023) against a frozen copy of the SFT model."""
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     chosen = [tokenize_conversation(tok, p + [{"role": "assistant", "content": c}], max_len) for p, c, _ in pairs]
@@ -318,9 +322,9 @@ def dpo(model, tok, pairs, cfg, max_len: int, seed: int) -> list[dict]:
                     total=cfg.steps, desc="dpo", mininterval=2):
         # chosen and rejected in one batch: rows [0, B) chosen, [B, 2B) rejected
         batch = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], tok.pad_token_id)
-        lp, _ = token_logprobs(model, batch)
+        lp, _ = token_logprobs(model, batch, precision)
         with torch.no_grad():
-            ref_lp, _ = token_logprobs(ref, batch)
+            ref_lp, _ = token_logprobs(ref, batch, precision)
         b = len(idx)
         margin = cfg.beta * ((lp[:b] - ref_lp[:b]) - (lp[b:] - ref_lp[b:]))
         loss = -F.logsigmoid(margin).mean()
@@ -348,6 +352,7 @@ def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int = 8, batc
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(model.device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=stop)
             for row in gen[:, enc["input_ids"].shape[1]:]:
@@ -397,6 +402,7 @@ def run(recipe: Recipe, pretrain_dir: Path = PRETRAIN_DIR, ingest_dir: Path = IN
     cfg, seed = recipe.posttrain, posttrain_seed(recipe)
     torch.manual_seed(seed)
     model, tok = load_model(pretrain_dir)
+    model.to(resolve_device(cfg.device, getattr(recipe, "_path", "<recipe>"), "posttrain.device"))
     parent = sha256_file(pretrain_dir / "model.safetensors")
     problems = heldout_arithmetic(recipe, cfg.eval_problems)
 
@@ -415,7 +421,7 @@ def run(recipe: Recipe, pretrain_dir: Path = PRETRAIN_DIR, ingest_dir: Path = IN
     metrics["arith_em_after_sft"] = arithmetic_em(model, tok, problems, chat_format=True)
 
     if cfg.dpo.enabled:
-        log = dpo(model, tok, preference_pairs(recipe, ingest_dir), cfg.dpo, cfg.max_len_tokens, seed)
+        log = dpo(model, tok, preference_pairs(recipe, ingest_dir), cfg.dpo, cfg.max_len_tokens, seed, cfg.precision)
         tail = log[-10:]
         metrics.update(dpo_steps=cfg.dpo.steps, dpo_loss_first=log[0]["loss"], dpo_loss_last=log[-1]["loss"],
                        dpo_reward_accuracy_last10=sum(x["reward_accuracy"] for x in tail) / len(tail))

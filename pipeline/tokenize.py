@@ -14,6 +14,10 @@ contamination report's own definition, with this run's tokenizer) is cut out, an
 is split there into pieces that each end with <|endoftext|>. No window of the remaining stream
 equals an eval n-gram (a window across a cut holds the EOS, which no item contains), whatever
 part of it training later sees. The val split is left whole.
+
+Encoding runs in units of `UNIT_BATCHES * batch_docs` documents on the recipe's executor
+(`data.executor: local | ray`, pipeline/executor.py); the units are written in order, so the
+files are byte-identical whatever the executor or the number of workers.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from tqdm import tqdm
 from pipeline import tokenizer as tokmod
 from pipeline.config import Recipe, load_manifest
 from pipeline.errors import RecipeError
+from pipeline.executor import make_executor
 from pipeline.ingest import OUT as INGEST_DIR, read_documents
 from pipeline.io import atomic_dir, sha256_file, write_json
 from pipeline.lineage import provenance
@@ -83,29 +88,72 @@ def cut_pieces(ids: np.ndarray, keep: np.ndarray | None) -> list[np.ndarray]:
     return [ids[a:b] for a, b in zip(edges[::2], edges[1::2])]
 
 
+UNIT_BATCHES = 4  # batches of `batch_docs` documents per unit of work
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _tokenizer(tok):
+    """A Tokenizer from itself or its JSON (what Ray workers get), parsed once per process."""
+    if not isinstance(tok, str):
+        return tok
+    from tokenizers import Tokenizer
+
+    key = hashlib.sha256(tok.encode()).hexdigest()
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = Tokenizer.from_str(tok)
+    return _TOKENIZERS[key]
+
+
+def encode_unit(docs: list[str], tok, eos: int, dtype: str, batch_docs: int,
+                banned: np.ndarray | None = None, n: int = 13) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """One unit of documents → (tokens with an EOS after each piece, piece lengths, tokens removed,
+    documents cut). Batches start at the unit's start, so the bytes do not depend on where it runs."""
+    tok = _tokenizer(tok)
+    parts: list[np.ndarray] = []
+    lengths: list[int] = []
+    removed = cut_docs = 0
+    for i in range(0, len(docs), batch_docs):
+        encs = tok.encode_batch(docs[i:i + batch_docs], add_special_tokens=False)
+        docs_ids = [np.asarray(e.ids, dtype=np.int64) for e in encs]
+        for ids, keep in zip(docs_ids, keep_masks(docs_ids, banned, n, eos)):
+            if keep is not None:
+                removed, cut_docs = removed + int((~keep).sum()), cut_docs + 1
+            for piece in cut_pieces(ids, keep):
+                parts.append(np.append(piece, eos).astype(dtype))
+                lengths.append(len(piece) + 1)
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype)
+    return tokens, np.asarray(lengths, dtype=np.int64), removed, cut_docs
+
+
 def encode_to_npy(tok, docs: list[str], eos: int, dtype: np.dtype, path: Path, docs_path: Path,
                   batch_docs: int, desc: str, banned: np.ndarray | None = None, n: int = 13,
-                  cuts: dict | None = None) -> tuple[int, int]:
-    """Encode in batches (the tokenizers library spreads each batch over all cores) and stream
-    the ids to a raw file, then wrap it as .npy. Returns (tokens, documents).
+                  cuts: dict | None = None, executor=None) -> tuple[int, int]:
+    """Encode unit by unit on `executor` (default: this process, where the tokenizers library
+    spreads each batch over all cores) and stream the ids to a raw file in unit order, then wrap it
+    as .npy. Returns (tokens, documents).
 
     With `banned` (sorted n-gram hashes), windows equal to one are cut out (see the module
     docstring); each piece counts as a document, and `cuts` receives what was removed."""
+    from pipeline.executor import LocalExecutor
+
+    executor = executor or LocalExecutor()
+    unit = batch_docs * UNIT_BATCHES
+    # a Ray worker gets the tokenizer as JSON (shipped once); this process keeps its own object
+    shared_tok = tok if isinstance(executor, LocalExecutor) else tok.to_str()
+    jobs = ((docs[i:i + unit],) for i in range(0, len(docs), unit))
     raw = path.with_suffix(".raw")
     starts = [0]
     removed = cut_docs = 0
     with open(raw, "wb") as f, tqdm(total=len(docs), desc=desc, unit="doc", leave=False) as bar:
-        for i in range(0, len(docs), batch_docs):
-            encs = tok.encode_batch(docs[i:i + batch_docs], add_special_tokens=False)
-            docs_ids = [np.asarray(e.ids, dtype=np.int64) for e in encs]
-            for ids, keep in zip(docs_ids, keep_masks(docs_ids, banned, n, eos)):
-                if keep is not None:
-                    removed, cut_docs = removed + int((~keep).sum()), cut_docs + 1
-                for piece in cut_pieces(ids, keep):
-                    doc = np.append(piece, eos).astype(dtype)
-                    f.write(doc.tobytes())
-                    starts.append(starts[-1] + len(doc))
-            bar.update(min(batch_docs, len(docs) - i))
+        results = executor.map(encode_unit, jobs, tok=shared_tok, eos=eos, dtype=np.dtype(dtype).str,
+                               batch_docs=batch_docs, banned=banned, n=n)
+        for tokens, lengths, rm, cut in results:
+            f.write(tokens.tobytes())
+            starts.extend((starts[-1] + np.cumsum(lengths)).tolist())
+            removed, cut_docs = removed + rm, cut_docs + cut
+            bar.update(min(unit, len(docs) - bar.n))
     if cuts is not None:
         cuts.update(tokens_removed=removed, documents_cut=cut_docs)
     total = starts[-1]
@@ -157,7 +205,7 @@ def run(recipe: Recipe, ingest_dir: Path = INGEST_DIR, tokenizer_dir: Path = tok
               "tokenizer_sha256": sha256_file(tokenizer_dir / "tokenizer.json"), "sources": {}}
     banned, report["decontamination"] = decontamination_set(recipe, tok)
     n_gram = recipe.tokenize.decontaminate_ngram
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, make_executor(recipe.data) as executor:
         for src in tqdm(manifest.sources, desc="tokenize", unit="source"):
             docs = read_documents(src.name, ingest_dir)
             train, val = split_documents(docs, recipe.tokenize.val_per_mille)
@@ -168,7 +216,7 @@ def run(recipe: Recipe, ingest_dir: Path = INGEST_DIR, tokenizer_dir: Path = tok
                 cuts: dict = {}
                 n, nd = encode_to_npy(tok, part, eos, dtype, path, dpath, recipe.tokenize.batch_docs,
                                       f"{src.name}/{split}", banned=banned if split == "train" else None,
-                                      n=n_gram, cuts=cuts)
+                                      n=n_gram, cuts=cuts, executor=executor)
                 entry[split] = {"file": f"{src.name}/{split}.npy", "tokens": n, "documents": nd,
                                 "sha256": sha256_file(path), "docs_file": f"{src.name}/{split}_docs.npy",
                                 "docs_sha256": sha256_file(dpath)}

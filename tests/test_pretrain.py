@@ -72,7 +72,10 @@ def test_outputs_metrics_and_loss_falls(reference):
     assert m["steps"] == 80 and m["tokens"] == 80 * 8 * 64
     assert m["val_loss_final"] <= 0.7 * m["val_loss_initial"], m
     assert set(m["val_loss_per_source"]) == {"python-docs", "python-code", "arithmetic"}
-    assert m["tokens_per_s"] > 0
+    # steady-state speed: the first step is timed apart, evaluations and checkpoints not at all
+    assert m["tokens_per_s"] > 0 and m["warmup_steps"] == 1 and 0 < m["warmup_seconds"] < m["train_seconds"]
+    speeds = read_json(out / "checkpoints/step-0000080/timings.json")
+    assert [r["step"] for r in speeds] == list(range(5, 81, 5))   # every log step after the warm-up
     # ddp baseline: one fp32 all-reduce of every gradient per step
     assert m["bytes_sent_per_worker"] == m["params"] * 4 * 80
     # keep_last 3 of checkpoints every 10 steps; each names its parent and the data it read
@@ -95,7 +98,7 @@ def test_trainer_batches_are_the_published_batches(micro_data, tmp_path, monkeyp
     """Global batch N that the trainer feeds the model == `omp batch --step N`."""
     from pipeline import pretrain
     from pipeline.config import load_recipe
-    from pipeline.pretrain import strategy
+    from pipeline.lowcomm import strategy
 
     work = fresh_copy(micro_data, tmp_path / "work")
     monkeypatch.chdir(work)
@@ -122,27 +125,27 @@ def test_rerun_is_bitwise_identical(reference, tmp_path):
 def test_sigterm_then_resume_is_bitwise_identical(reference, tmp_path, monkeypatch):
     from pipeline import pretrain
     from pipeline.config import load_recipe
-    from pipeline.pretrain import trainer
+    from pipeline.pretrain import engines, trainer
 
     work = fresh_copy(reference, tmp_path / "work")
     monkeypatch.chdir(work)
     calls = {"n": 0}
-    clip = trainer.clip
+    update = engines.PlainEngine.update
 
     # SIGTERM arrives in the middle of step 25 (0-based 24), after this step's stop agreement:
     # the next step reads it, finishes its update, writes a checkpoint and stops
-    def clip_then_signal(model, max_norm):
+    def update_then_signal(self, step):
         calls["n"] += 1
         if calls["n"] == 25:
             os.kill(os.getpid(), signal.SIGTERM)
-        return clip(model, max_norm)
+        return update(self, step)
 
-    monkeypatch.setattr(trainer, "clip", clip_then_signal)
+    monkeypatch.setattr(engines.PlainEngine, "update", update_then_signal)
     with pytest.raises(trainer.TrainingStopped, match=r"SIGTERM after step 26 of 80.*--resume latest"):
         pretrain.run(load_recipe(MICRO))
     assert ckpt_steps(work) == [10, 20, 26]
     assert not (work / "artifacts/pretrain/final").exists()
-    monkeypatch.setattr(trainer, "clip", clip)
+    monkeypatch.setattr(engines.PlainEngine, "update", update)
     pretrain.run(load_recipe(MICRO), resume="latest")
     assert final_sha(work) == final_sha(reference)
     m, ref = read_json(work / "artifacts/pretrain/metrics.json"), read_json(reference / "artifacts/pretrain/metrics.json")
@@ -176,23 +179,54 @@ def test_damaged_checkpoint_is_refused_and_latest_valid_falls_back(reference, tm
     assert final_sha(work) == final_sha(reference)
 
 
-def test_non_finite_loss_stops_and_names_the_step(micro_data, tmp_path, monkeypatch):
+def test_non_finite_loss_is_caught_at_the_next_sync_point_and_names_its_step(micro_data, tmp_path, monkeypatch):
+    """Losses stay on the device between sync points (log every 5, checkpoint every 10): step 13's
+    NaN is read at step 15, named, and nothing after it (no checkpoint 20, no final/) is written."""
     from pipeline import pretrain
     from pipeline.config import load_recipe
-    from pipeline.pretrain import trainer
+    from pipeline.pretrain import engines, trainer
 
     work = fresh_copy(micro_data, tmp_path / "work")
     monkeypatch.chdir(work)
-    train_step = trainer.train_step
+    forward_backward, seen = engines.PlainEngine.forward_backward, []
 
-    def poisoned(*a, **k):  # step 13's loss is NaN, as a diverging run's would be
-        loss = train_step(*a, **k)
-        return float("nan") if a[3] == 13 else loss
+    def poisoned(self, rows):  # step 13's loss is NaN, as a diverging run's would be
+        seen.append(rows)
+        loss = forward_backward(self, rows)
+        return loss * float("nan") if len(seen) == 14 else loss
 
-    monkeypatch.setattr(trainer, "train_step", poisoned)
-    with pytest.raises(trainer.TrainingDiverged, match=r"non-finite loss \(nan\) at step 13.*step-0000010"):
+    monkeypatch.setattr(engines.PlainEngine, "forward_backward", poisoned)
+    with pytest.raises(trainer.TrainingDiverged, match=r"non-finite loss \(nan\) at step 13;.*step-0000010"):
         pretrain.run(load_recipe(MICRO))
+    assert len(seen) == 15   # read back at the log step 15, the first sync point after it
     assert ckpt_steps(work) == [10]
+    assert not (work / "artifacts/pretrain/final").exists()
+
+
+DIVERGE = "base: micro.yaml\npretrain:\n  lr: 1.0e+10\n  steps: 12\n  checkpoint_every_steps: 1\n  keep_last: 2\n"
+
+
+def diverge(work: Path, extra: str = "") -> subprocess.CompletedProcess:
+    """A learning rate of 1e10: a real divergence (weights blow up, the forward overflows)."""
+    (work / "tests/recipes/micro_nan.yaml").write_text(DIVERGE + extra)
+    return omp("pretrain", "--recipe", "tests/recipes/micro_nan.yaml", cwd=work, env=ENV, check=False)
+
+
+def assert_stopped_at_divergence(work: Path, p: subprocess.CompletedProcess) -> None:
+    assert p.returncode == 2, p.stderr[-3000:]
+    import re
+    m = re.search(r"error: non-finite loss \((nan|inf|-inf)\) at step (\d+); nothing after it was kept; "
+                  r"last good checkpoint: \S*step-(\d{7})", p.stderr)
+    assert m, p.stderr[-3000:]
+    step = int(m.group(2))
+    # every step is a checkpoint step here: the last one is the last finite step, nothing after it
+    assert 0 < step < 12 and int(m.group(3)) == step and max(ckpt_steps(work)) == step
+    assert not (work / "artifacts/pretrain/final").exists()
+
+
+def test_real_divergence_stops_with_exit_2(micro_data, tmp_path):
+    work = fresh_copy(micro_data, tmp_path / "work")
+    assert_stopped_at_divergence(work, diverge(work))
 
 
 def test_two_torchrun_workers_sigterm_resume_bitwise(reference, tmp_path):
@@ -219,8 +253,10 @@ def test_two_torchrun_workers_sigterm_resume_bitwise(reference, tmp_path):
 
 
 @pytest.mark.e2e
-def test_deepspeed_zero2_two_cpu_workers_matches_ddp(reference, tmp_path):
-    """ZeRO-2 over 2 gloo workers (DS_ACCELERATOR=cpu) follows the plain data-parallel curve.
+@pytest.mark.timeout(900)   # three DeepSpeed starts (~40 s each on an idle 2-core machine, minutes on a busy one)
+def test_deepspeed_zero2_two_cpu_workers_matches_ddp_and_resumes_bitwise(reference, tmp_path):
+    """ZeRO-2 over 2 gloo workers (DS_ACCELERATOR=cpu) follows the plain data-parallel curve, and
+    resuming it from a checkpoint gives the same weights bit for bit.
 
     Same batches, same torch AdamW and schedule: the curves differ only by float summation order
     (DeepSpeed averages gradients in its own buckets), so we hold them to 2% per logged step.
@@ -245,5 +281,16 @@ def test_deepspeed_zero2_two_cpu_workers_matches_ddp(reference, tmp_path):
     ref_m = read_json(ddp / "artifacts/pretrain/metrics.json")
     assert abs(m["val_loss_final"] - ref_m["val_loss_final"]) < 0.05
     assert m["val_loss_final"] < m["val_loss_initial"] - 0.5
-    assert ckpt_steps(work)[-1] == 30
+    assert ckpt_steps(work) == [10, 20, 30]
     assert (work / "artifacts/pretrain/final/model.safetensors").is_file()
+    # the same loop's resume with the DeepSpeed engine: from the checkpoint at step 20, bit for bit
+    final = final_sha(work)
+    omp("pretrain", "--recipe", "tests/recipes/micro_ds.yaml", "--resume",
+        str(work / "artifacts/pretrain/checkpoints/step-0000020"), cwd=work, env=ENV)
+    assert final_sha(work) == final
+
+
+@pytest.mark.e2e
+def test_deepspeed_real_divergence_stops_with_exit_2(micro_data, tmp_path):
+    work = fresh_copy(micro_data, tmp_path / "work")
+    assert_stopped_at_divergence(work, diverge(work, "  distributed: {world_size: 2, engine: deepspeed, zero_stage: 2}\n"))

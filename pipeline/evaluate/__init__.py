@@ -106,8 +106,14 @@ def check_tasks(tm, names: list[str], recipe_file: str, key: str) -> None:
                                             f"(not in {tm.include_path or 'the built-in tasks'})")
 
 
-def load_lm(variant: Variant, batch_size: int):
-    """An in-memory HFLM, so lm-eval does not reload the model per call."""
+def load_lm(variant: Variant, batch_size: int, device: str = "cpu", precision: str = "fp32"):
+    """An in-memory HFLM, so lm-eval does not reload the model per call. lm-eval takes an
+    instantiated model's own device, so the model is moved there first; precision bf16 casts the
+    weights (lm-eval's loop has no autocast)."""
+    import torch
+
+    from pipeline.device import resolve, use_bf16
+
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,8 +122,9 @@ def load_lm(variant: Variant, batch_size: int):
         tok = AutoTokenizer.from_pretrained(str(variant.path), trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise PipelineError(f"{variant.path}: cannot load variant {variant.name}: {e}") from None
-    model.eval()
-    return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu")
+    dev = resolve(device, key="evaluate.device")
+    model.to(dev, dtype=torch.bfloat16 if use_bf16(dev, precision) else None).eval()
+    return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=str(dev))
 
 
 def item_score(sample: dict) -> float | None:
@@ -176,7 +183,7 @@ def evaluate_variant(variant: Variant, cfg, tm, std_tm=None, seed: int = 0,
                          "loglikelihood_rolling (perplexity)")
         lm_args = dict(model="gguf", model_args={"base_url": base_url})
     else:
-        lm_args = dict(model=load_lm(variant, cfg.batch_size))
+        lm_args = dict(model=load_lm(variant, cfg.batch_size, cfg.device, cfg.precision))
     common = dict(limit=cfg.limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
                   torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
     result = simple_evaluate(**lm_args, tasks=tasks, task_manager=tm, **common)

@@ -22,7 +22,7 @@ import math
 import torch
 
 from pipeline.comm import Comm
-from pipeline.pretrain.strategy import Strategy
+from pipeline.lowcomm.strategy import Strategy
 
 
 def dct_matrix(n: int) -> torch.Tensor:
@@ -116,6 +116,9 @@ def demo_bytes_per_step(param_numels: list[int], chunk: int, k: int) -> int:
 
 class DeMoStrategy(Strategy):
     name = "demo"
+    # equal by construction (the same gathered messages decoded in rank order), but each rank keeps
+    # its own copy so a resume never rests on that argument
+    per_rank_weights = True
 
     def build_optimizer(self, params, make_default):
         default = make_default(params)

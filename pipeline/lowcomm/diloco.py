@@ -27,7 +27,7 @@ import torch
 
 from pipeline.comm import Comm
 from pipeline.lowcomm.compress import ErrorFeedback, decompress
-from pipeline.pretrain.strategy import DDPStrategy, Strategy
+from pipeline.lowcomm.strategy import DDPStrategy, Strategy
 
 
 def _fragments(params: list[torch.nn.Parameter], n: int) -> list[list[int]]:
@@ -61,6 +61,7 @@ def _assign(params: list[torch.nn.Parameter], idx: list[int], flat: torch.Tensor
 
 class DiLoCoStrategy(Strategy):
     name = "diloco"
+    per_rank_weights = True   # replicas drift apart for H steps between syncs
 
     def __init__(self, comm: Comm, cfg=None):
         super().__init__(comm, cfg)

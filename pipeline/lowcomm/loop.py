@@ -1,8 +1,9 @@
 """A small driver for the strategies: the trainer's per-step protocol, on real gloo process groups.
 
-Used by the low-communication tests and by bench/comm.py. It calls exactly the hooks the trainer
-calls (see pipeline/pretrain/strategy.py), in the same order, so what it measures is what the
-trainer does; process launch and rendezvous are torch.multiprocessing + torch.distributed (gloo).
+Used by the low-communication tests, the torchft driver (pipeline/lowcomm/ft.py) and bench/comm.py.
+Its update half is `pipeline.lowcomm.strategy.apply_update`, the function the trainer's plain
+engine calls, so the hooks run in the trainer's order and what it measures is what the trainer
+does; process launch and rendezvous are torch.multiprocessing + torch.distributed (gloo).
 """
 
 from __future__ import annotations
@@ -18,23 +19,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.comm import Comm
-from pipeline.pretrain.strategy import Strategy, make_strategy  # noqa: F401 - re-exported for tests/bench
+from pipeline.lowcomm.strategy import Strategy, apply_update, make_strategy  # noqa: F401 - re-exported
 
 
 def train_steps(model: torch.nn.Module, strategy: Strategy, optimizer, batch_of: Callable[[int], object],
                 loss_of: Callable[[torch.nn.Module, object], torch.Tensor], start: int, stop: int,
                 clip: float | None = None, on_step: Callable[[int, float], None] | None = None) -> None:
-    """Steps start..stop-1: shard, forward/backward, sync_gradients, (clip), step, after_step."""
+    """Steps start..stop-1: shard, forward/backward, sync_gradients, then apply_update (clip, step,
+    zero_grad, after_step)."""
     for step in range(start, stop):
         rows = strategy.shard(batch_of(step))
         loss = loss_of(model, rows)
         loss.backward()
         strategy.sync_gradients(model)
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        strategy.after_step(model, optimizer, step)
+        apply_update(model, strategy, optimizer, step, clip=clip, measure=False)
         if on_step is not None:
             on_step(step, float(loss))
 

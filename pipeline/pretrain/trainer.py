@@ -1,16 +1,21 @@
-"""The pretraining loop of one worker: the same code in-process (world size 1) and under torchrun.
+"""The one pretraining loop: the same code in-process (world size 1), under torchrun, and with DeepSpeed.
 
-Per step (the order pipeline/pretrain/strategy.py documents):
-    rows = strategy.shard(order.batch(step))          # the published global batch N, nothing else
-    forward/backward over grad_accum_steps micro-batches
-    strategy.sync_gradients(model)
-    agree on loss / stop across workers; non-finite loss → stop before the update
-    clip; optimizer.step(); scheduler.step(); optimizer.zero_grad()
-    strategy.after_step(model, optimizer, step)
+setup (distributed context, determinism, model, engine) / resume (engine state + RNG + cursor +
+history) / steps / finish (final model, metrics, outputs). What differs between engines sits
+behind the adapter interface of pipeline/pretrain/engines.py (plain model + optimizer + Strategy,
+or DeepSpeed ZeRO). Per step:
 
-A checkpoint written after step s holds everything the next step reads (weights, optimizer,
-scheduler, strategy, RNG states, byte counters, metric history, cursor s), so resuming from it
-gives the same bits as never stopping.
+    rows = engine.shard(order.batch(step))            # the published global batch N, nothing else
+    loss = engine.forward_backward(rows)               # micro-batches; strategy.sync_gradients
+    agree on SIGTERM/SIGINT across workers             # a few bytes of control traffic
+    engine.update(step)                                # clip; optimizer, scheduler; after_step
+
+No host synchronisation inside a step: losses and grad norms stay on the device until a *sync
+point* (a log, evaluation or checkpoint step, a signal, the end of warm-up). There the loop reads
+them all at once, averages them over workers, and stops on the first non-finite one: nothing is
+logged, evaluated or checkpointed after a non-finite step. A checkpoint written after step s holds
+everything the next step reads (weights, optimizer, scheduler, strategy, RNG states, byte counters,
+metric history, cursor s), so resuming from it gives the same bits as never stopping.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 import random
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,13 +35,13 @@ import torch.distributed as dist
 
 from pipeline import checkpoint as ckpt
 from pipeline.comm import Comm, init_process_group
-from pipeline.config import recipe_dict, PretrainCfg, Recipe, recipe_sha256
+from pipeline.config import PretrainCfg, Recipe, recipe_dict, recipe_sha256
 from pipeline.data import PublishedOrder
 from pipeline.errors import PipelineError, RecipeError
 from pipeline.io import read_json, write_json
 from pipeline.lineage import git_commit
 from pipeline.model import build_model, count_params, special_ids, vocab_size
-from pipeline.pretrain.strategy import make_strategy
+from pipeline.pretrain.engines import make_adamw, make_engine  # noqa: F401 - make_adamw re-exported
 
 
 class TrainingStopped(PipelineError):
@@ -59,6 +65,7 @@ class Context:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast: bool = False
+    control: object = None   # process group for stop agreement (gloo: CPU ints, no device sync); None: default
 
 
 # --------------------------------------------------------------------------- setup
@@ -73,13 +80,16 @@ def init_distributed(backend: str) -> Context:
         init_process_group(backend)
     rank = dist.get_rank() if dist.is_initialized() else 0
     ws = dist.get_world_size() if dist.is_initialized() else 1
+    control = None
+    if ws > 1 and dist.get_backend() != "gloo":
+        control = dist.new_group(backend="gloo")
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    return Context(rank=rank, world_size=ws, device=device)
+    return Context(rank=rank, world_size=ws, device=device, control=control)
 
 
 def cpu_cores() -> int:
@@ -89,11 +99,25 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def set_determinism(threads: int) -> None:
-    # A fixed thread count fixes the order of CPU reductions, so equal inputs give equal bits.
+def set_determinism(threads: int, device: torch.device | None = None) -> None:
+    """Same inputs, same code, same kind of hardware -> the same bits.
+
+    A fixed thread count fixes the order of CPU reductions. On CUDA, deterministic algorithms are
+    enforced (warn_only=False: with warn_only=True cuDNN's SDPA backward stayed non-deterministic
+    and two identical runs differed); an op without a deterministic kernel then fails loudly instead
+    of silently breaking the promise. cuBLAS needs a fixed workspace (CUBLAS_WORKSPACE_CONFIG).
+    `fill_uninitialized_memory` is turned off (it costs ~7% on a GPU): it only matters to code
+    that reads memory it never wrote, and the trainer never does: every buffer it allocates empty
+    (all_gather outputs, optimizer state) is fully written before it is read.
+    """
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    cuda = (device is not None and torch.device(device).type == "cuda") or (
+        device is None and torch.cuda.is_available())
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=not cuda)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    if cuda:
+        torch.backends.cudnn.benchmark = False
 
 
 def seed_worker(seed: int, rank: int) -> None:
@@ -117,18 +141,6 @@ def lr_factor(step: int, cfg: PretrainCfg, total: int) -> float:
     span = max(1, total - cfg.warmup_steps)
     frac = min(1.0, (step - cfg.warmup_steps) / span)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-def make_adamw(cfg: PretrainCfg):
-    def make(params):
-        params = list(params)
-        # no weight decay on norms (1-D); embeddings and matrices decay
-        decay = [p for p in params if p.ndim >= 2]
-        rest = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-                  {"params": rest, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    return make
 
 
 def val_windows(order: PublishedOrder, seq_len: int, eval_tokens: int) -> dict[str, torch.Tensor]:
@@ -190,21 +202,15 @@ def _barrier(ctx: Context) -> None:
         dist.barrier()
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, strategy, comm: Comm,
-                    history: list, ctx: Context, lineage: dict, per_rank_weights: bool,
+def save_checkpoint(root: Path, step: int, engine, history: list, ctx: Context, lineage: dict,
                     speeds: list | None = None) -> Path | None:
-    from safetensors.torch import save_model
-
+    """Atomically: the engine's files and state, RNG states, byte counters, history, cursor `step`."""
     if ctx.rank == 0:
         ckpt.begin(root, step)
     _barrier(ctx)
     tmp = ckpt.tmp_dir(root, step)
-    if ctx.rank == 0:
-        save_model(model, str(tmp / "model.safetensors"))
-    elif per_rank_weights:
-        save_model(model, str(tmp / f"model-rank{ctx.rank}.safetensors"))
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "strategy": strategy.state_dict(), "rng": rng_state(),
+    comm = engine.comm
+    state = {"step": step, **engine.save(tmp, ctx.rank), "rng": rng_state(),
              "comm": {"bytes_sent": comm.bytes_sent, "calls": comm.calls, "by_kind": dict(comm.by_kind)},
              "history": history if ctx.rank == 0 else []}
     torch.save(state, tmp / f"state-rank{ctx.rank}.pt")
@@ -219,25 +225,20 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, strategy
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, strategy, comm: Comm, ctx: Context,
-                    per_rank_weights: bool) -> tuple[int, list, list]:
-    from safetensors.torch import load_model
-
-    wfile = path / ("model.safetensors" if ctx.rank == 0 or not per_rank_weights
-                    else f"model-rank{ctx.rank}.safetensors")
+def load_checkpoint(path: Path, engine, ctx: Context) -> tuple[int, list, list]:
+    """Restore engine, RNG and byte counters from `path`; returns (step, history, timings)."""
     sfile = path / f"state-rank{ctx.rank}.pt"
-    for f in (wfile, sfile):
-        if not f.is_file():
-            raise ckpt.CheckpointError(f"{f}: missing; was the checkpoint written with another world size?")
-    load_model(model, str(wfile), device=str(ctx.device))
+    for f in [sfile, *engine.files(path, ctx.rank)]:
+        if not f.exists():
+            raise ckpt.CheckpointError(f"{f}: missing; was the checkpoint written with another world size or engine?")
     state = torch.load(sfile, map_location=ctx.device, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    strategy.load_state_dict(state["strategy"])
+    engine.load(path, state, ctx.rank)
     set_rng_state({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in state["rng"].items()})
-    comm.bytes_sent, comm.calls = state["comm"]["bytes_sent"], state["comm"]["calls"]
-    comm.by_kind.clear()
-    comm.by_kind.update(state["comm"]["by_kind"])
+    comm = engine.comm
+    if "comm" in state:
+        comm.bytes_sent, comm.calls = state["comm"]["bytes_sent"], state["comm"]["calls"]
+        comm.by_kind.clear()
+        comm.by_kind.update(state["comm"]["by_kind"])
     timings = path / "timings.json"
     return state["step"], state["history"], (read_json(timings) if timings.is_file() else [])
 
@@ -265,13 +266,78 @@ class StopFlag:
             signal.signal(s, h)
 
 
+class Batches:
+    """This worker's rows of each published global batch, as a tensor on the training device.
+
+    On CUDA a background thread reads, shards and pins the next step's rows while the current step
+    trains, and the copy to the GPU is asynchronous (non_blocking from pinned memory). On CPU the
+    rows are read when asked for: there is nothing to overlap with.
+    """
+
+    def __init__(self, order: PublishedOrder, shard, device: torch.device, stop: int):
+        self.order, self.shard, self.device, self.stop = order, shard, device, stop
+        self.cuda = device.type == "cuda"
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="omp-batches") if self.cuda else None
+        self._next = None   # (step, future)
+
+    def _host(self, step: int) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(self.shard(self.order.batch(step))))
+        return t.pin_memory() if self.cuda else t
+
+    def get(self, step: int) -> torch.Tensor:
+        if self._pool is None:
+            return self._host(step)
+        if self._next is not None and self._next[0] == step:
+            rows = self._next[1].result()
+        else:
+            rows = self._host(step)
+        self._next = (step + 1, self._pool.submit(self._host, step + 1)) if step + 1 < self.stop else None
+        return rows.to(self.device, non_blocking=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Clock:
+    """Wall time between sync points; on CUDA it waits for the queued work first."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.t0 = time.perf_counter()
+
+    def mark(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - self.t0
+
+
+def warmup_steps(cfg: PretrainCfg) -> int:
+    """Steps at the start of a process kept out of the steady-state tokens/s (allocator, autotuning,
+    and with torch.compile the compilation and its recompile for the second step)."""
+    return 3 if cfg.compile else 1
+
+
 def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | None = None) -> dict:
     """Train (or resume) on this worker; rank 0 writes the outputs. Returns the metrics dict."""
     dirs = dirs or DataDirs()
     cfg = recipe.pretrain
+    # -- setup
     ctx = init_distributed(cfg.distributed.backend)
+    if cfg.distributed.engine == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else "gloo")
     ctx.autocast = ctx.device.type == "cuda" and cfg.precision != "fp32" or cfg.precision == "bf16"
-    set_determinism(cfg.threads or max(1, cpu_cores() // ctx.world_size))
+    set_determinism(cfg.threads or max(1, cpu_cores() // ctx.world_size), ctx.device)
 
     order = PublishedOrder(dirs.blend, dirs.tokenize)
     if cfg.steps is not None and cfg.steps > order.steps:
@@ -286,16 +352,13 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
                           f"{cfg.grad_accum_steps} micro-batches")
 
     model = build_model(cfg.model, vocab_size(dirs.tokenizer), order.seq_len, special_ids(dirs.tokenizer),
-                        seed=recipe.seed).to(ctx.device)
-    comm = Comm()
-    strategy = make_strategy(cfg.distributed, comm)
-    optimizer = strategy.build_optimizer(model.parameters(), make_adamw(cfg))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total))
+                        seed=recipe.seed)
+    engine = make_engine(recipe, model, ctx, total, order.batch_size)
     seed_worker(recipe.seed, ctx.rank)
 
+    # -- resume
     out_dir = Path(out_dir)
     root = out_dir / "checkpoints"
-    per_rank = cfg.distributed.mode != "ddp"
     start, history, speeds, parent = 0, [], [], None
     path = ckpt.resolve(resume, root, warn=(print if ctx.rank == 0 else (lambda *_: None)))
     # a fresh run: older checkpoints belong to another run; removed once this run's first one is written
@@ -305,120 +368,144 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
     mismatch = ckpt.check_resume(path, run_hashes, ckpt.accepts_mismatch(resume)) if path is not None else None
     _barrier(ctx)
     if path is not None:
-        start, history, speeds = load_checkpoint(path, model, optimizer, scheduler, strategy, comm, ctx, per_rank)
+        start, history, speeds = load_checkpoint(path, engine, ctx)
         parent = path.name
         if ctx.rank == 0:
             print(f"resumed from {path} (step {start})")
-    strategy.setup(model)
+    engine.setup()
 
-    lineage = {"git": git_commit(), **run_hashes, "world_size": ctx.world_size, "mode": cfg.distributed.mode}
+    lineage = {"git": git_commit(), **run_hashes, "world_size": ctx.world_size, **engine.lineage}
     if mismatch:
         lineage["resume_mismatch"] = mismatch  # resumed on purpose from another run's checkpoint
     windows = val_windows(order, order.seq_len, cfg.eval_tokens)
-    fwd = torch.compile(model) if cfg.compile else model
-    if start == 0 and ctx.rank == 0:
-        history.append({"step": 0, "val": evaluate(model, windows, ctx)})
+
+    def evaluate_now() -> dict | None:
+        if engine.collective_forward:
+            val = evaluate(engine.forward_module, windows, ctx)   # every rank: the forward is collective
+            return val if ctx.rank == 0 else None
+        return evaluate(engine.forward_module, windows, ctx) if ctx.rank == 0 else None
+
+    if start == 0:
+        val = evaluate_now()
+        if ctx.rank == 0:
+            history.append({"step": 0, "val": val})
 
     def checkpoint(step: int) -> Path | None:
         nonlocal parent
-        p = save_checkpoint(root, step, model, optimizer, scheduler, strategy, comm, history, ctx,
-                            {**lineage, "parent": parent}, per_rank, speeds)
+        p = save_checkpoint(root, step, engine, history, ctx, {**lineage, "parent": parent}, speeds)
         parent = f"step-{step:07d}"
         if ctx.rank == 0:
             fresh.committed(ckpt.step_dir(root, step))
             ckpt.prune(root, cfg.keep_last)
         return p
 
+    # -- steps
     tokens_per_step = order.batch_size * order.seq_len
-    train_s, trained = 0.0, 0
+    warm = warmup_steps(cfg)
+    train_s = warmup_s = 0.0
+    trained = 0
+    pending: list[tuple[int, torch.Tensor, object, float]] = []   # (step, loss, grad norm, lr)
     from tqdm import tqdm
     bar = tqdm(total=total, initial=start, disable=ctx.rank != 0, unit="step", dynamic_ncols=True)
-    with StopFlag() as stop:
+    clock = Clock(ctx.device)
+    with StopFlag() as stop, Batches(order, engine.shard, ctx.device, total) as batches:
+        clock.mark()
         for step in range(start, total):
-            t0 = time.perf_counter()
-            loss = train_step(fwd, model, order, step, strategy, optimizer, cfg, ctx)
-            loss, signum = agree(loss, stop.signum, ctx)
-            if not math.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
-                good = fresh.own(ckpt.list_steps(root))
-                raise TrainingDiverged(f"non-finite loss ({loss}) at step {step}; weights not updated; last good "
-                                       f"checkpoint: {good[-1][1] if good else 'none'}")
-            gnorm = clip(model, cfg.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            strategy.after_step(model, optimizer, step)
-            dt = time.perf_counter() - t0
-            train_s, trained = train_s + dt, trained + 1
+            x = batches.get(step)
+            lr = engine.lr
+            loss = engine.forward_backward(x)
+            signum = agree_signal(stop.signum, ctx)
+            gnorm = engine.update(step)
+            pending.append((step, loss, gnorm, lr))
             done = step + 1
+            bar.update(1)
+            log = done % cfg.log_every_steps == 0 or done == total
+            ev = done % cfg.eval_every_steps == 0 or done == total
+            save = done % cfg.checkpoint_every_steps == 0 or done == total or bool(signum) or engine.synced
+            if not (log or ev or save or done - start == warm):
+                continue
+            # -- a sync point: everything queued so far is read back once
+            seconds = clock.lap()
+            steady = done - start > warm
+            if steady:
+                train_s, trained = train_s + seconds, trained + len(pending)
+            else:
+                warmup_s += seconds
+            losses = settle(pending, ctx, root)
+            n_steps, (_, _, gnorm, lr) = len(pending), pending[-1]
+            pending.clear()
             rec = None
-            if done % cfg.log_every_steps == 0 or done == total:
-                rec = {"step": done, "loss": loss, "lr": lr, "grad_norm": gnorm}
-                speeds.append({"step": done, "tokens_per_s": tokens_per_step / dt})
-            if (done % cfg.eval_every_steps == 0 or done == total) and ctx.rank == 0:
-                rec = rec or {"step": done}
-                rec["val"] = evaluate(model, windows, ctx)
+            if log:
+                rec = {"step": done, "loss": losses[-1], "lr": lr,
+                       "grad_norm": None if gnorm is None else float(gnorm)}
+                if steady:
+                    speeds.append({"step": done, "tokens_per_s": tokens_per_step * n_steps / seconds})
+            if ev:
+                val = evaluate_now()
+                if ctx.rank == 0:
+                    rec = {**(rec or {"step": done}), "val": val}
             if rec and ctx.rank == 0:
                 history.append(rec)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step * trained / train_s:,.0f}")
-            if done % cfg.checkpoint_every_steps == 0 or done == total or signum or strategy.synced:
+            rate = tokens_per_step * trained / train_s if train_s else tokens_per_step * n_steps / seconds
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
+            if save:
                 checkpoint(done)
             if signum and done < total:
                 bar.close()
                 name = signal.Signals(signum).name
                 raise TrainingStopped(f"stopped by {name} after step {done} of {total}; checkpoint "
                                       f"{root / f'step-{done:07d}'} written; resume with --resume latest")
+            clock.mark()
     bar.close()
     if start == total and total > 0 and not ckpt.list_steps(root):
         checkpoint(total)
+
+    # -- finish
+    final = engine.final_model()
+    if not trained and warmup_s:   # a run shorter than its warm-up: report what there is
+        trained_tokens, seconds = tokens_per_step * (total - start), warmup_s
+    else:
+        trained_tokens, seconds = tokens_per_step * trained, train_s
     metrics = {
-        "steps": total, "tokens": total * tokens_per_step, "params": count_params(model),
-        "tokens_per_s": (tokens_per_step * trained / train_s) if train_s else None,
-        "train_seconds": train_s, "world_size": ctx.world_size, "mode": cfg.distributed.mode,
-        "engine": "in-process" if ctx.world_size == 1 else cfg.distributed.engine,
-        "bytes_sent_per_worker": comm.stats()["bytes_sent"], "comm": comm.stats(),
+        "steps": total, "tokens": total * tokens_per_step, "params": count_params(final),
+        "tokens_per_s": (trained_tokens / seconds) if seconds else None,
+        "train_seconds": train_s + warmup_s, "warmup_seconds": warmup_s, "warmup_steps": min(warm, total - start),
+        "world_size": ctx.world_size, "mode": engine.lineage["mode"], "engine": engine.name,
+        "bytes_sent_per_worker": engine.bytes_sent_per_worker(), "comm": engine.comm.stats(),
     }
     if ctx.rank == 0:
         from pipeline.pretrain import outputs
-        metrics = outputs.write(recipe, out_dir, model, history, metrics, dirs, lineage, parent, speeds)
+        metrics = outputs.write(recipe, out_dir, final, history, metrics, dirs, lineage, parent, speeds)
     _barrier(ctx)
     return metrics
 
 
-def agree(loss: float, signum: int, ctx: Context) -> tuple[float, int]:
-    """Mean loss over workers (for the log and the NaN check) and the signal any worker got.
+def agree_signal(signum: int, ctx: Context) -> int:
+    """The signal any worker got (MAX over workers), so every worker stops after the same step.
 
-    Control traffic, not counted as training bytes; every worker then stops at the same step.
+    Control traffic over a gloo group (CPU ints: no device sync), not counted as training bytes.
     """
     if ctx.world_size == 1:
-        return loss, signum
-    t = torch.tensor([loss], dtype=torch.float64)
+        return signum
     sig = torch.tensor([signum], dtype=torch.int64)
-    dist.all_reduce(t)
-    dist.all_reduce(sig, op=dist.ReduceOp.MAX)
-    return float(t[0]) / ctx.world_size, int(sig[0])
+    dist.all_reduce(sig, op=dist.ReduceOp.MAX, group=ctx.control)
+    return int(sig[0])
 
 
-def train_step(fwd, model, order: PublishedOrder, step: int, strategy, optimizer, cfg: PretrainCfg,
-               ctx: Context) -> float:
-    """Forward/backward of this worker's rows of global batch `step`, then sync. Returns the mean loss."""
-    rows = torch.from_numpy(np.ascontiguousarray(strategy.shard(order.batch(step))))
-    micro = rows.chunk(cfg.grad_accum_steps)
-    total = 0.0
-    for x in micro:
-        x = x.to(ctx.device)
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
-            loss = fwd(input_ids=x, labels=x).loss / len(micro)
-        loss.backward()
-        total += float(loss.detach())
-    strategy.sync_gradients(model)
-    return total
+def settle(pending: list, ctx: Context, root: Path) -> list[float]:
+    """The losses of the steps since the last sync point, averaged over workers, read in one go.
 
-
-def clip(model, max_norm: float | None) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm is None:
-        return float(torch.norm(torch.stack([p.grad.norm() for p in params])))
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    A non-finite one stops the run (on every worker alike: they read the same averages) before
+    anything after it is logged, evaluated or checkpointed.
+    """
+    losses = torch.stack([p[1].reshape(()) for p in pending]).double()
+    if ctx.world_size > 1:
+        dist.all_reduce(losses)
+        losses /= ctx.world_size
+    values = losses.tolist()
+    for (step, *_), v in zip(pending, values):
+        if not math.isfinite(v):
+            good = ckpt.list_steps(root)
+            raise TrainingDiverged(f"non-finite loss ({v}) at step {step}; nothing after it was kept; last good "
+                                   f"checkpoint: {good[-1][1] if good else 'none'}")
+    return values

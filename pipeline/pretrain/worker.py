@@ -25,10 +25,7 @@ def main(argv=None) -> int:
 
     recipe = load_spec(Path(a.spec))
     dirs = DataDirs(Path(a.blend_dir), Path(a.tokenize_dir), Path(a.tokenizer_dir))
-    if recipe.pretrain.distributed.engine == "deepspeed":
-        from pipeline.pretrain.ds import train
-    else:
-        from pipeline.pretrain.trainer import train
+    from pipeline.pretrain.trainer import train  # one loop; the engine (plain or DeepSpeed) comes from the recipe
     try:
         train(recipe, Path(a.out), a.resume, dirs)
     except PipelineError as e:

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import Recipe
+from pipeline.device import resolve as resolve_device
 from pipeline.errors import CheckpointError, DataIntegrityError
 from pipeline.io import atomic_dir, atomic_write_text, sha256_file, write_json
 from pipeline.lineage import provenance
@@ -68,12 +69,19 @@ def _interleave(lists):
 
 
 @torch.no_grad()
-def perplexity(model, windows: np.ndarray, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) over every predicted token of the windows."""
+def perplexity(model, windows: np.ndarray, batch_size: int = 8, device: torch.device | None = None,
+               precision: str = "fp32") -> float:
+    """exp(mean next-token NLL) over every predicted token of the windows (on `device`, if given)."""
+    from pipeline.device import autocast
+
+    model = model.to(device) if device is not None else model
+    dev = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
-        ids = torch.from_numpy(windows[i:i + batch_size])
-        logits = model(input_ids=ids).logits[:, :-1].float()
+        ids = torch.from_numpy(windows[i:i + batch_size]).to(dev)
+        with autocast(dev, precision):
+            logits = model(input_ids=ids).logits[:, :-1]
+        logits = logits.float()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                                 reduction="sum")
         total += float(nll)
@@ -98,9 +106,16 @@ def quantize_model_rtn(model, bits: int, group_size: int | None) -> dict:
 
 
 @torch.no_grad()
-def quantize_model_gptq(model, calib: np.ndarray, bits: int, group_size: int | None, damp: float) -> dict:
+def quantize_model_gptq(model, calib: np.ndarray, bits: int, group_size: int | None, damp: float,
+                        device: torch.device | None = None) -> dict:
     """GPTQ block by block: the inputs of block L are computed with blocks < L already quantized,
-    so each block corrects for the error of those before it. `model` is modified in place."""
+    so each block corrects for the error of those before it. `model` is modified in place.
+    The calibration forwards run on `device` (if given); the Hessians and the solve stay on the CPU
+    in float64, so the quantized weights do not depend on where the forwards ran beyond their inputs."""
+    home = next(model.parameters()).device
+    if device is not None:
+        model.to(device)
+    dev = next(model.parameters()).device
     layers = quantizable(model)
     blocks = sorted({n.split(".layers.")[1].split(".")[0] for n in layers}, key=int)
     out = {}
@@ -108,13 +123,14 @@ def quantize_model_gptq(model, calib: np.ndarray, bits: int, group_size: int | N
         mods = {n: m for n, m in layers.items() if n.split(".layers.")[1].split(".")[0] == b}
         hooks = {n: HessianHook(m) for n, m in mods.items()}
         for i in range(0, len(calib), 8):
-            model(input_ids=torch.from_numpy(calib[i:i + 8]))
+            model(input_ids=torch.from_numpy(calib[i:i + 8]).to(dev))
         for n, m in mods.items():
             # group_size None: one group spanning the row, i.e. one scale per output channel
-            q, s = quantize_gptq(m.weight, hooks[n].hessian(), bits, layer_group(m, group_size) or m.in_features,
-                                 damp)
-            m.weight.copy_(dequantize(q, s))
+            q, s = quantize_gptq(m.weight.cpu(), hooks[n].hessian(), bits,
+                                 layer_group(m, group_size) or m.in_features, damp)
+            m.weight.copy_(dequantize(q, s).to(dev))
             out[n] = (q, s)
+    model.to(home)
     return out
 
 
@@ -174,7 +190,15 @@ def run(recipe: Recipe, model_dir: Path = MODEL_DIR, blend_dir: Path = BLEND_DIR
     model, tok = _load(model_dir)
     eval_w, calib_w = heldout_windows(blend_dir, tokenize_dir, cfg.seq_len or recipe.blend.seq_len,
                                       cfg.eval_windows, cfg.calib_windows)
-    base_ppl = perplexity(model, eval_w)
+    dev = resolve_device(cfg.device, getattr(recipe, "_path", "<recipe>"), "quantize.device")
+
+    def ppl(m) -> float:   # on the stage's device; the model comes back to the CPU for saving
+        try:
+            return perplexity(m, eval_w, device=dev, precision=cfg.precision)
+        finally:
+            m.to("cpu")
+
+    base_ppl = ppl(model)
     report = {"baseline_ppl": base_ppl, "baseline_bytes": (model_dir / "model.safetensors").stat().st_size,
               "eval_windows": int(len(eval_w)), "calib_windows": int(len(calib_w)),
               "seq_len": int(eval_w.shape[1]), "source_model": str(model_dir),
@@ -183,13 +207,12 @@ def run(recipe: Recipe, model_dir: Path = MODEL_DIR, blend_dir: Path = BLEND_DIR
         for name, method, bits, group in tqdm(variant_specs(cfg), desc="quantize"):
             work = copy.deepcopy(model)
             if method == "gptq":
-                q = quantize_model_gptq(work, calib_w, bits, group, cfg.gptq_damp)
+                q = quantize_model_gptq(work, calib_w, bits, group, cfg.gptq_damp, device=dev)
             else:
                 q = quantize_model_rtn(work, bits, group)
                 apply_dequantized(work, q)
             save_quantized(model, tok, q, bits, tmp / name)
-            entry = _entry(name, "compressed-tensors-pack-quantized", tmp / name, name, perplexity(work, eval_w),
-                           base_ppl)
+            entry = _entry(name, "compressed-tensors-pack-quantized", tmp / name, name, ppl(work), base_ppl)
             entry["layers_by_group_size"] = group_counts(q)
             report["variants"].append(entry)
         (tmp / "gguf").mkdir()
@@ -199,7 +222,7 @@ def run(recipe: Recipe, model_dir: Path = MODEL_DIR, blend_dir: Path = BLEND_DIR
             work = copy.deepcopy(model)
             load_into(work, path)
             report["variants"].append(_entry(GGUF_NAMES[file_type], f"gguf-{file_type}", path,
-                                             f"gguf/{path.name}", perplexity(work, eval_w), base_ppl))
+                                             f"gguf/{path.name}", ppl(work), base_ppl))
         write_json(tmp / "report.json", report)
         atomic_write_text(tmp / "report.md", report_markdown(report))
         seal(tmp, provenance(

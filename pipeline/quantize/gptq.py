@@ -22,7 +22,7 @@ class HessianHook:
 
     def _hook(self, _module, args):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-        self.h += x.T @ x
+        self.h += (x.T @ x).cpu()   # the forward may run on a GPU; the Hessian lives on the CPU
         self.tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
-import random
 from pathlib import Path
 from typing import Iterator
 
@@ -111,30 +109,8 @@ def _local_documents(source: LocalSource, manifest_path: str, allow_paths=()) ->
 
 
 def select_documents(source, docs: Iterator[str]) -> list[str]:
-    """Apply filters, dedup, the seeded order and the max_docs / max_bytes limits."""
-    f = source.filters
-    seen: set[bytes] = set()
-    kept: list[str] = []
-    for d in docs:
-        if len(d) < f.min_chars or (f.max_chars is not None and len(d) > f.max_chars):
-            continue
-        if f.dedup:
-            h = hashlib.blake2b(d.encode("utf-8"), digest_size=16).digest()
-            if h in seen:
-                continue
-            seen.add(h)
-        kept.append(d)
-    if source.seed:
-        random.Random(source.seed).shuffle(kept)
-    if source.max_docs is not None:
-        kept = kept[: source.max_docs]
-    if source.max_bytes is not None:
-        out, total = [], 0
-        for d in kept:
-            n = len(d.encode("utf-8"))
-            if total + n > source.max_bytes and out:
-                break
-            out.append(d)
-            total += n
-        kept = out
-    return kept
+    """Apply filters, dedup, the seeded order and the max_docs / max_bytes limits (in one process;
+    ingest runs the same steps unit by unit, see pipeline/sources/filters.py)."""
+    from pipeline.sources.filters import filter_unit, finish
+
+    return finish(source, [filter_unit(source.filters, list(docs))])[0]
