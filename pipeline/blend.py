@@ -21,6 +21,7 @@ from pipeline.errors import DataIntegrityError, RecipeError
 from pipeline.io import atomic_dir, read_json, sha256_file, write_json
 from pipeline.lineage import provenance
 from pipeline.log import status
+from pipeline.verify import seal, verify_stage
 
 OUT = Path("artifacts/blend")
 LOGIC_VERSION = 1  # bump when the way indices are built changes; recorded in blend.json
@@ -68,6 +69,7 @@ def run(recipe: Recipe, tokenize_dir: Path = tokstage.OUT, out_dir: Path = OUT) 
     cfg = recipe.blend
     rfile = recipe_path(recipe)
     manifest = load_manifest(recipe.data.manifest)
+    verify_stage(tokenize_dir)
     tok_report = read_json(tokenize_dir / "tokenize.json")
     steps = cfg.tokens // (cfg.global_batch_size * cfg.seq_len)
     if steps < 1:
@@ -111,9 +113,9 @@ def run(recipe: Recipe, tokenize_dir: Path = tokstage.OUT, out_dir: Path = OUT) 
             "recipe_sha256": recipe_sha256(recipe),
         }
         write_json(tmp / "blend.json", report)
-        write_json(tmp / "provenance.json", provenance(
-            "blend", recipe, {"tokenize": sha256_file(tokenize_dir / "tokenize.json")}))
         plot_mixture(report, tmp / "blend.png")
+        seal(tmp, provenance(
+            "blend", recipe, {"tokenize": sha256_file(tokenize_dir / "tokenize.json")}))
     for s in sources:
         if s["upsampled"]:
             status(f"note: source {s['name']!r} is upsampled: {s['epochs']:.2f} epochs "

@@ -17,7 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, DataIntegrityError
 from pipeline.io import _fsync_dir, read_json, sha256_file, write_json
 
 NAME = re.compile(r"^step-(\d{7})$")
@@ -69,7 +69,7 @@ def verify(path: Path) -> dict:
     try:
         manifest = read_json(mpath)
         files = manifest["files"]
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, DataIntegrityError) as e:
         raise CheckpointError(f"{mpath}: unreadable manifest ({e})") from None
     for name, rec in files.items():
         f = path / name
@@ -114,8 +114,17 @@ def latest_valid(root: Path, warn=print) -> Path:
     raise CheckpointError(f"{root}: no valid checkpoint to resume from ({len(steps)} found, all damaged)")
 
 
+ACCEPT = "!"  # `--resume latest!` (what `omp pretrain --accept-mismatch` passes): resume despite a mismatch
+
+
+def accepts_mismatch(spec: str) -> bool:
+    return spec.endswith(ACCEPT)
+
+
 def resolve(spec: str, root: Path, warn=print) -> Path | None:
-    """`--resume` value → checkpoint dir: none | latest | latest-valid | a path."""
+    """`--resume` value → checkpoint dir: none | latest | latest-valid | a path (a trailing `!`:
+    accept a recipe / data-order mismatch, see check_resume)."""
+    spec = spec[:-1] if accepts_mismatch(spec) else spec
     if spec in ("none", ""):
         return None
     if spec == "latest":
@@ -136,3 +145,56 @@ def prune(root: Path, keep_last: int) -> list[Path]:
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone
+
+
+def _diff_keys(a, b, prefix: str = "") -> list[str]:
+    """Key paths where two recipe dicts differ (e.g. pretrain.lr)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+RESUME_KEYS = ("recipe_sha256", "indices_sha256")
+
+
+def check_resume(path: Path, run: dict, accept: bool = False) -> dict | None:
+    """A checkpoint resumes only the run that made it: its recipe_sha256 and indices_sha256 must equal
+    this run's (`run`), or CheckpointError names what differs (and the recipe keys, where both
+    recipes are recorded). With `accept`, the mismatch is returned, to be recorded in the lineage."""
+    lineage = read_json(Path(path) / MANIFEST).get("lineage") or {}
+    differs = [k for k in RESUME_KEYS if lineage.get(k) != run.get(k)]
+    if not differs:
+        return None
+    keys = _diff_keys(lineage["recipe"], run["recipe"]) if isinstance(lineage.get("recipe"), dict) and \
+        isinstance(run.get("recipe"), dict) else []
+    detail = "; ".join(f"{k} {str(lineage.get(k))[:12]}… (this run {str(run.get(k))[:12]}…)" for k in differs)
+    if keys:
+        detail += f"; recipe keys that differ: {', '.join(keys[:12])}"
+    if not accept:
+        raise CheckpointError(f"{path}: made by another run: {detail}. Refusing to resume (weights would not "
+                              "match what the lineage records); --accept-mismatch resumes anyway and records both")
+    return {"checkpoint": str(path), "differs": differs, "recipe_keys": keys,
+            "checkpoint_hashes": {k: lineage.get(k) for k in RESUME_KEYS},
+            "run_hashes": {k: run.get(k) for k in RESUME_KEYS}}
+
+
+class FreshStart:
+    """A fresh run leaves the previous run's checkpoints in place until its own first checkpoint is
+    committed (a run that fails at once destroys nothing); then they are removed."""
+
+    def __init__(self, root: Path, fresh: bool):
+        self.root = Path(root)
+        self.stale = [p for _s, p in list_steps(root)] if fresh else []
+
+    def own(self, steps: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
+        """The checkpoints this run wrote (for messages such as 'last good checkpoint')."""
+        return [(s, p) for s, p in steps if p not in self.stale]
+
+    def committed(self, written: Path) -> None:
+        for p in self.stale:
+            if p != Path(written):
+                shutil.rmtree(p, ignore_errors=True)
+        self.stale = []

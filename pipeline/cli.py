@@ -47,7 +47,9 @@ def cmd_blend(args):
 def cmd_pretrain(args):
     from pipeline import pretrain
 
-    m = pretrain.run(_recipe(args), resume=args.resume)
+    from pipeline.checkpoint import ACCEPT
+
+    m = pretrain.run(_recipe(args), resume=args.resume + (ACCEPT if args.accept_mismatch else ""))
     print(f"held-out loss {m['val_loss_initial']:.3f} -> {m['val_loss_final']:.3f}; "
           f"{m['tokens']:,} tokens at {m['tokens_per_s'] or 0:,.0f} tokens/s")
 
@@ -147,7 +149,8 @@ def cmd_publish(args):
 def cmd_recreate(args):
     from pipeline import recreate
 
-    code = recreate.run(args.target, until=args.until, workdir=args.workdir, tolerance=args.tolerance)
+    code = recreate.run(args.target, until=args.until, workdir=args.workdir, tolerance=args.tolerance,
+                        allow_outside=args.allow_outside)
     if code:
         raise SystemExit(code)
 
@@ -159,12 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 "release. Results go to stdout, status messages to stderr.")
     p.add_argument("--version", action="version", version=f"omp {pipeline.__version__}",
                    help="print the version and exit")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     def stage(name, fn, help_):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe YAML (default {DEFAULT_RECIPE})")
-        sp.set_defaults(fn=fn)
+        # one writer per stage output: a second run refuses, naming the holder's pid (pipeline.lock)
+        sp.set_defaults(fn=fn, lock=f"artifacts/{name}")
         return sp
 
     sp = stage("ingest", cmd_ingest, "read every source of the data manifest into artifacts/ingest/")
@@ -176,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = stage("pretrain", cmd_pretrain, "train the Llama model on the published order (artifacts/pretrain/)")
     sp.add_argument("--resume", default="none", metavar="none|latest|latest-valid|DIR",
                     help="continue from a checkpoint under artifacts/pretrain/checkpoints (default: start fresh)")
+    sp.add_argument("--accept-mismatch", action="store_true",
+                    help="resume even if the checkpoint was made with another recipe or data order "
+                         "(both are recorded in the lineage as resume_mismatch)")
     stage("posttrain", cmd_posttrain, "SFT (+ DPO) from the pretrained model (artifacts/posttrain/)")
     stage("quantize", cmd_quantize, "int8/int4 variants, GGUF files and the perplexity report (artifacts/quantize/)")
 
@@ -214,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="last stage to rebuild and compare (default: the released variant's stage)")
     sp.add_argument("--workdir", type=Path, default=None, help="where to rebuild (default: a new temp dir)")
     sp.add_argument("--tolerance", type=float, default=0.0, help="max abs diff accepted (0: bitwise)")
+    sp.add_argument("--allow-outside", action="store_true",
+                    help="run a lineage whose recipe/manifest lists allow_paths outside the work folder")
     sp.set_defaults(fn=cmd_recreate)
 
     sp = sub.add_parser("blend-report", help="print the mixture table (target vs realized, epochs)")
@@ -222,15 +232,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def describe(exc: BaseException) -> str:
+    """One line for any error: the pipeline's own name the file and key; others get the file they
+    carry (OSError) or the place in the code they came from (run with --debug for the traceback)."""
+    from pipeline.errors import one_line
+
+    if isinstance(exc, PipelineError):
+        return " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or one_line(exc)}"
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        if "/pipeline/" in tb.tb_frame.f_code.co_filename:
+            where = f" (in {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}, {tb.tb_frame.f_code.co_name})"
+        tb = tb.tb_next
+    return f"{one_line(exc)}{where}; run with --debug for the traceback"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted before or after the subcommand
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if getattr(args, "lock", None):
+            from pipeline.lock import output_lock
+
+            with output_lock(args.lock, command=f"omp {args.command}"):
+                args.fn(args)
+        else:
+            args.fn(args)
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error becomes one line and exit 2 (--debug: traceback)
+        if debug:
+            raise
+        print(f"error: {describe(e)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -15,18 +15,29 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
+                      field_validator, model_validator)
 
 from pipeline.errors import RecipeError
 from pipeline.io import canonical_json, sha256_bytes
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no NaN or infinity in any float; ints and bools are strict (below): `true` is not the integer 1
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-PosInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
+def _not_bool(v):
+    if isinstance(v, bool):
+        raise ValueError("a boolean is not a number")
+    return v
+
+
+Float = Annotated[float, BeforeValidator(_not_bool)]  # YAML reads 1e-3 as a string: still parsed
+PosInt = Annotated[StrictInt, Field(gt=0)]
+NonNegInt = Annotated[StrictInt, Field(ge=0)]
+SafeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)]
+Beta = Annotated[Float, Field(ge=0, lt=1)]
 
 # --------------------------------------------------------------------------- data manifest
 
@@ -36,7 +47,7 @@ class LanguageStep(Strict):
     `min_score` (normalized probability), scored on its first `score_chars` characters."""
     kind: Literal["language"]
     languages: Annotated[list[str], Field(min_length=1)] = ["en"]
-    min_score: Annotated[float, Field(ge=0, le=1)] = 0.5
+    min_score: Annotated[Float, Field(ge=0, le=1)] = 0.5
     score_chars: PosInt = 20_000
 
 
@@ -46,12 +57,12 @@ class QualityStep(Strict):
     kind: Literal["quality"]
     min_words: NonNegInt | None = 50
     max_words: PosInt | None = 100_000
-    min_mean_word_chars: Annotated[float, Field(ge=0)] | None = 3.0
-    max_mean_word_chars: Annotated[float, Field(gt=0)] | None = 10.0
-    max_symbol_word_ratio: Annotated[float, Field(ge=0)] | None = 0.1      # '#' and '...' per word
-    max_ellipsis_line_ratio: Annotated[float, Field(ge=0, le=1)] | None = 0.3
-    max_bullet_line_ratio: Annotated[float, Field(ge=0, le=1)] | None = 0.9
-    min_alpha_word_ratio: Annotated[float, Field(ge=0, le=1)] | None = 0.8  # words with a letter
+    min_mean_word_chars: Annotated[Float, Field(ge=0)] | None = 3.0
+    max_mean_word_chars: Annotated[Float, Field(gt=0)] | None = 10.0
+    max_symbol_word_ratio: Annotated[Float, Field(ge=0)] | None = 0.1      # '#' and '...' per word
+    max_ellipsis_line_ratio: Annotated[Float, Field(ge=0, le=1)] | None = 0.3
+    max_bullet_line_ratio: Annotated[Float, Field(ge=0, le=1)] | None = 0.9
+    min_alpha_word_ratio: Annotated[Float, Field(ge=0, le=1)] | None = 0.8  # words with a letter
     min_stopwords: NonNegInt | None = 2   # of: the be to of and that have with
 
 
@@ -64,17 +75,17 @@ class NearDedup(Strict):
     """MinHash near-duplicate removal (Broder 1997) with LSH banding: documents whose estimated
     Jaccard similarity of word `ngram`-shingles is >= threshold are one cluster; the one with the
     smallest sha256 of its text survives, whatever the order or the worker count."""
-    threshold: Annotated[float, Field(gt=0, le=1)] = 0.8
-    num_perm: Annotated[int, Field(ge=16, le=1024)] = 128
+    threshold: Annotated[Float, Field(gt=0, le=1)] = 0.8
+    num_perm: Annotated[StrictInt, Field(ge=16, le=1024)] = 128
     ngram: PosInt = 5
-    seed: int = 1
+    seed: StrictInt = 1
 
 
 class Filters(Strict):
     min_chars: NonNegInt = 1
     max_chars: PosInt | None = None
     steps: list[FilterStep] = []  # per-document steps after the length filter, in this order
-    dedup: bool = True  # drop exact duplicate documents (first one kept)
+    dedup: StrictBool = True  # drop exact duplicate documents (first one kept)
     near_dedup: NearDedup | None = None  # after exact dedup
 
     @field_validator("steps")
@@ -88,13 +99,13 @@ class Filters(Strict):
 
 
 class SourceBase(Strict):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    name: SafeName
     license: Annotated[str, Field(min_length=1)]
-    weight: Annotated[float, Field(gt=0)]
+    weight: Annotated[Float, Field(gt=0)]
     filters: Filters = Filters()
     max_docs: PosInt | None = None
     max_bytes: PosInt | None = None
-    seed: int = 0  # order in which documents are taken before max_docs / max_bytes apply
+    seed: StrictInt = 0  # order in which documents are taken before max_docs / max_bytes apply
 
 
 class ArithmeticOptions(Strict):
@@ -102,7 +113,7 @@ class ArithmeticOptions(Strict):
     problems_per_doc: PosInt = 8
     max_operand: PosInt = 99
     ops: list[Literal["+", "-", "*"]] = ["+", "-", "*"]
-    heldout_per_mille: Annotated[int, Field(ge=1, le=500)] = 100
+    heldout_per_mille: Annotated[StrictInt, Field(ge=1, le=500)] = 100
 
     @field_validator("ops")
     @classmethod
@@ -139,6 +150,8 @@ Source = Annotated[Union[BuiltinSource, HFSource, LocalSource], Field(discrimina
 
 class Manifest(Strict):
     name: str
+    # local sources read files inside the project only, unless their folder is listed here on purpose
+    allow_paths: list[str] = []
     description: str = ""
     sources: Annotated[list[Source], Field(min_length=1)]
 
@@ -164,7 +177,7 @@ class Manifest(Strict):
 
 class DataCfg(Strict):
     manifest: str = "data_manifests/tiny.yaml"
-    lock: bool = True  # verify ingested content against data_manifests/<mix>.lock.json
+    lock: StrictBool = True  # verify ingested content against data_manifests/<mix>.lock.json
     # where ingest and tokenize run their units of work; the output is byte-identical either way
     executor: Literal["local", "ray"] = "local"
     workers: PosInt | None = None      # ray: units at once (None: every CPU of the Ray cluster)
@@ -173,14 +186,14 @@ class DataCfg(Strict):
 
 
 class TokenizerCfg(Strict):
-    vocab_size: Annotated[int, Field(ge=300, le=1_000_000)] = 4096
+    vocab_size: Annotated[StrictInt, Field(ge=300, le=1_000_000)] = 4096
     min_frequency: PosInt = 2
     sample_bytes: PosInt = 2_000_000  # bytes of text drawn from the mixture to train BPE
     pretrained_dir: str | None = None  # use this tokenizer directory instead of training one
 
 
 class TokenizeCfg(Strict):
-    val_per_mille: Annotated[int, Field(ge=1, le=500)] = 20  # documents held out per source
+    val_per_mille: Annotated[StrictInt, Field(ge=1, le=500)] = 20  # documents held out per source
     batch_docs: PosInt = 512
     # Training decontamination: every training window of `decontaminate_ngram` tokens that equals an
     # n-gram of an item of the local lm-eval tasks in this directory is cut out (None: off). Use the
@@ -193,7 +206,7 @@ class BlendCfg(Strict):
     seq_len: PosInt = 256
     global_batch_size: PosInt = 16
     tokens: PosInt = 1_000_000  # training token budget; steps = tokens // (batch * seq_len)
-    seed: int | None = None  # defaults to the recipe seed
+    seed: StrictInt | None = None  # defaults to the recipe seed
 
 
 # --- low-communication training (pretrain.distributed): shared by the trainer and pipeline/lowcomm
@@ -202,15 +215,15 @@ class BlendCfg(Strict):
 class OuterCompressionCfg(Strict):
     kind: Literal["none", "fp16", "int8", "int4", "sign"] = "none"   # sign: 1 bit + a scale per block
     block_size: PosInt = 64          # elements per quantization block (one scale each)
-    topk_fraction: Annotated[float, Field(gt=0, le=1)] | None = None  # keep this fraction of entries
-    error_feedback: bool = True      # add the residual to the next pseudo-gradient
+    topk_fraction: Annotated[Float, Field(gt=0, le=1)] | None = None  # keep this fraction of entries
+    error_feedback: StrictBool = True      # add the residual to the next pseudo-gradient
 
 
 class DiLoCoCfg(Strict):
     inner_steps: PosInt = 50         # H: inner AdamW steps between outer syncs
-    outer_lr: Annotated[float, Field(gt=0)] = 0.7          # Douillard et al. 2023 defaults
-    outer_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    nesterov: bool = True
+    outer_lr: Annotated[Float, Field(gt=0)] = 0.7          # Douillard et al. 2023 defaults
+    outer_momentum: Annotated[Float, Field(ge=0, lt=1)] = 0.9
+    nesterov: StrictBool = True
     warmup_sync_steps: NonNegInt = 0  # synchronous (ddp) steps before the first inner phase
     fragments: PosInt = 1            # streaming DiLoCo: sync 1/F of the parameters at a time
     # inner optimizer: the recipe's AdamW, or plain SGD at its lr (the DiLoCo == DDP sanity anchor)
@@ -218,21 +231,21 @@ class DiLoCoCfg(Strict):
     compression: OuterCompressionCfg = OuterCompressionCfg()
     # the trainer also checkpoints right after every outer sync (θ_global, outer momentum, error
     # feedback, step = data cursor): a restart then loses at most H steps, whatever checkpoint_every_steps
-    checkpoint_every_sync: bool = True
+    checkpoint_every_sync: StrictBool = True
 
 
 class DeMoCfg(Strict):
     chunk_size: PosInt = 64          # DCT chunk length (elements)
     topk: PosInt = 8                 # components exchanged per chunk
-    momentum_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
-    sign: bool = True                # apply sign of the decoded update (as in the paper)
+    momentum_decay: Annotated[Float, Field(ge=0, lt=1)] = 0.999
+    sign: StrictBool = True                # apply sign of the decoded update (as in the paper)
 
 
 class DistributedCfg(Strict):
     mode: Literal["ddp", "diloco", "demo"] = "ddp"
     world_size: PosInt = 1           # 1 runs in-process; >1 launches torchrun (or deepspeed)
     engine: Literal["torchrun", "deepspeed"] = "torchrun"
-    zero_stage: Annotated[int, Field(ge=0, le=3)] = 2   # with engine: deepspeed
+    zero_stage: Annotated[StrictInt, Field(ge=0, le=3)] = 2   # with engine: deepspeed
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     diloco: DiLoCoCfg = DiLoCoCfg()
     demo: DeMoCfg = DeMoCfg()
@@ -265,11 +278,11 @@ class SFTSourceCfg(Strict):
 
 
 class DPOCfg(Strict):
-    enabled: bool = True
+    enabled: StrictBool = True
     steps: PosInt = 60
     batch_size: PosInt = 16
-    lr: Annotated[float, Field(gt=0)] = 5e-5
-    beta: Annotated[float, Field(gt=0)] = 0.1
+    lr: Annotated[Float, Field(gt=0)] = 5e-5
+    beta: Annotated[Float, Field(gt=0)] = 0.1
     pairs: PosInt = 2000              # correct vs incorrect arithmetic answers (training split only)
 
 
@@ -284,14 +297,14 @@ class PosttrainCfg(Strict):
                                SFTSourceCfg(kind="builtin", builtin="python-docs-qa", max_examples=1000)]
     steps: PosInt = 300
     batch_size: PosInt = 16
-    lr: Annotated[float, Field(gt=0)] = 3e-4
+    lr: Annotated[Float, Field(gt=0)] = 3e-4
     warmup_steps: NonNegInt = 20
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    weight_decay: Annotated[Float, Field(ge=0)] = 0.0
     max_len_tokens: PosInt = 192      # longer conversations are cut (the loss mask is cut with them)
     answer_max_chars: PosInt = 400    # python-docs-qa: first paragraph cut to this many characters
     dpo: DPOCfg = DPOCfg()
     eval_problems: PosInt = 200       # held-out arithmetic problems for arith_em_before / _after
-    seed: int | None = None           # defaults to the recipe seed
+    seed: StrictInt | None = None           # defaults to the recipe seed
     device: StageDevice = "auto"
     precision: StagePrecision = "auto"
 
@@ -305,7 +318,7 @@ class QuantizeCfg(Strict):
     calib_windows: PosInt = 32        # GPTQ calibration windows of seq_len tokens (held-out split)
     eval_windows: PosInt = 64         # perplexity windows of seq_len tokens (held-out split, disjoint)
     seq_len: PosInt | None = None     # defaults to blend.seq_len
-    gptq_damp: Annotated[float, Field(gt=0, lt=1)] = 0.01
+    gptq_damp: Annotated[Float, Field(gt=0, lt=1)] = 0.01
     gguf: list[Literal["F16", "Q8_0", "Q4_0"]] = ["F16", "Q8_0", "Q4_0"]
     device: StageDevice = "auto"      # calibration and perplexity forwards; quantized files are the same format
     precision: StagePrecision = "auto"
@@ -344,8 +357,8 @@ class ModelCfg(Strict):
     heads: PosInt = 4
     kv_heads: PosInt = 2
     intermediate_size: PosInt = 688
-    rope_theta: Annotated[float, Field(gt=0)] = 10000.0
-    tie_embeddings: bool = True
+    rope_theta: Annotated[Float, Field(gt=0)] = 10000.0
+    tie_embeddings: StrictBool = True
     context_length: PosInt | None = None   # max positions; defaults to blend.seq_len
 
     @model_validator(mode="after")
@@ -359,15 +372,15 @@ class ModelCfg(Strict):
 
 class PretrainCfg(Strict):
     model: ModelCfg = ModelCfg()
-    lr: Annotated[float, Field(gt=0)] = 3e-3
-    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1   # cosine decays to lr * this
+    lr: Annotated[Float, Field(gt=0)] = 3e-3
+    min_lr_ratio: Annotated[Float, Field(ge=0, le=1)] = 0.1   # cosine decays to lr * this
     warmup_steps: NonNegInt = 20
     schedule: Literal["cosine", "wsd"] = "cosine"            # wsd: flat, then linear decay over decay_fraction
-    decay_fraction: Annotated[float, Field(gt=0, le=1)] = 0.2
-    weight_decay: Annotated[float, Field(ge=0)] = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: Annotated[float, Field(gt=0)] = 1e-8
-    grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
+    decay_fraction: Annotated[Float, Field(gt=0, le=1)] = 0.2
+    weight_decay: Annotated[Float, Field(ge=0)] = 0.1
+    betas: tuple[Beta, Beta] = (0.9, 0.95)   # each in [0, 1)
+    eps: Annotated[Float, Field(gt=0)] = 1e-8
+    grad_clip: Annotated[Float, Field(gt=0)] | None = 1.0
     grad_accum_steps: PosInt = 1           # micro-batches per worker per step
     steps: PosInt | None = None            # train this many steps of the published order (None: all)
     checkpoint_every_steps: PosInt = 50
@@ -375,7 +388,7 @@ class PretrainCfg(Strict):
     eval_every_steps: PosInt = 50
     eval_tokens: PosInt = 16384            # held-out tokens per source per evaluation
     log_every_steps: PosInt = 10
-    compile: bool = False                  # torch.compile the model
+    compile: StrictBool = False                  # torch.compile the model
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
     threads: PosInt | None = None          # torch threads per worker (None: cores // world_size)
     distributed: DistributedCfg = DistributedCfg()
@@ -385,11 +398,11 @@ class PretrainCfg(Strict):
 
 
 class ReleaseCfg(Strict):
-    name: str | None = None           # release folder artifacts/release/<name>/ (default: recipe name)
+    name: SafeName | None = None           # release folder artifacts/release/<name>/ (default: recipe name)
     variant: Literal["posttrain", "pretrain"] = "posttrain"   # the model at the top of the release
-    include_base: bool = True         # also ship the pretrained weights under base/ (for recreate --until pretrain)
-    include_quantized: bool = True    # quantized variants under quantized/<name>/
-    include_gguf: bool = True         # GGUF files under gguf/
+    include_base: StrictBool = True         # also ship the pretrained weights under base/ (for recreate --until pretrain)
+    include_quantized: StrictBool = True    # quantized variants under quantized/<name>/
+    include_gguf: StrictBool = True         # GGUF files under gguf/
     license: str = "apache-2.0"
     repo_id: str | None = None        # default hub repo for `omp publish`
     base_model: str | None = None     # hub id of the published base model (model card `base_model`)
@@ -401,8 +414,8 @@ class ReleaseCfg(Strict):
 
 
 class Recipe(Strict):
-    name: str
-    seed: int = 1234
+    name: SafeName                    # names folders (artifacts/release/<name>/): [A-Za-z0-9._-]
+    seed: StrictInt = 1234
     data: DataCfg = DataCfg()
     tokenizer: TokenizerCfg = TokenizerCfg()
     tokenize: TokenizeCfg = TokenizeCfg()
@@ -412,6 +425,9 @@ class Recipe(Strict):
     quantize: QuantizeCfg = QuantizeCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
     release: ReleaseCfg = ReleaseCfg()
+    # folders outside the project this recipe may read (posttrain local files, tokenizer.pretrained_dir,
+    # ...); empty: every local path must lie inside the project
+    allow_paths: list[str] = []
 
     @property
     def blend_seed(self) -> int:
@@ -437,13 +453,39 @@ def _format_errors(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a mapping with the same key twice (PyYAML keeps the last silently)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _value in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {seen[key]} and line {key_node.start_mark.line + 1})",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def safe_load_unique(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise RecipeError(path, "", "file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_load_unique(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(path, "", f"not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise RecipeError(path, "", f"not valid YAML: {str(e).splitlines()[0]}") from None
+        msg = " ".join(str(e).split())
+        raise RecipeError(path, "", f"not valid YAML: {msg}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -473,7 +515,7 @@ def _resolve_base(path: Path, seen: tuple = ()) -> dict:
     return _merge(_resolve_base(base_path, seen + (path.resolve(),)), data)
 
 
-def load_recipe(path: str | os.PathLike, overrides: dict | None = None, check_files: bool = True) -> Recipe:
+def load_recipe(path: str | os.PathLike, overrides: dict | None = None, check_files: StrictBool = True) -> Recipe:
     path = Path(path)
     data = _resolve_base(path)
     if overrides:
@@ -484,6 +526,14 @@ def load_recipe(path: str | os.PathLike, overrides: dict | None = None, check_fi
         raise RecipeError(path, "", _format_errors(e)) from None
     object.__setattr__(recipe, "_path", str(path))
     if check_files:
+        from pipeline.verify import confine
+
+        for key, value in (("data.manifest", recipe.data.manifest),
+                           ("tokenizer.pretrained_dir", recipe.tokenizer.pretrained_dir),
+                           ("tokenize.decontaminate_tasks", recipe.tokenize.decontaminate_tasks),
+                           ("evaluate.include_path", recipe.evaluate.include_path)):
+            if value is not None:
+                confine(value, f"{path}: {key}", recipe.allow_paths)
         if not Path(recipe.data.manifest).is_file():
             raise RecipeError(path, "data.manifest", f"manifest file {recipe.data.manifest} does not exist")
         load_manifest(recipe.data.manifest)

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataIntegrityError
-from pipeline.io import read_json, sha256_file
+from pipeline.io import read_json
+from pipeline.verify import check_name, check_relpath, verify_file, verify_stage
 
 
 class PublishedOrder:
@@ -26,12 +27,18 @@ class PublishedOrder:
         meta_path = self.blend_dir / "blend.json"
         if not meta_path.is_file():
             raise DataIntegrityError(f"{meta_path}: not found; run the blend stage (`dvc repro blend`)")
+        self.verify = verify
+        if verify:
+            verify_stage(self.blend_dir)  # blend.json and indices.npy as the blend stage recorded them
         self.meta = read_json(meta_path)
         self.seq_len, self.batch_size = self.meta["seq_len"], self.meta["global_batch_size"]
         self.steps = self.meta["steps"]
         self.names = [s["name"] for s in self.meta["sources"]]
         ipath = self.blend_dir / "indices.npy"
-        paths = {n: self.tokenize_dir / self.meta["token_paths"][n] for n in self.names}
+        for n in self.names:
+            check_name(n, f"{meta_path}: source name")
+        paths = {n: self.tokenize_dir / check_relpath(self.meta["token_paths"][n], f"{meta_path}: token_paths.{n}")
+                 for n in self.names}
         if verify:
             _check(ipath, self.meta["indices_sha256"])
             for n in self.names:
@@ -51,13 +58,11 @@ class PublishedOrder:
         return np.stack([self.instance(i) for i in range(lo, lo + self.batch_size)])
 
     def val_tokens(self, name: str) -> np.ndarray:
-        path = self.tokenize_dir / self.meta["val_paths"][name]
+        path = self.tokenize_dir / check_relpath(self.meta["val_paths"][name], f"blend.json: val_paths.{name}")
+        if self.verify:
+            _check(path, self.meta["val_files"][name])
         return np.load(path, mmap_mode="r")
 
 
 def _check(path: Path, expected: str) -> None:
-    if not path.is_file():
-        raise DataIntegrityError(f"{path}: missing (named in blend.json)")
-    got = sha256_file(path)
-    if got != expected:
-        raise DataIntegrityError(f"{path}: sha256 {got[:16]}… does not match blend.json ({expected[:16]}…)")
+    verify_file(path, expected, "blend.json")

@@ -19,3 +19,26 @@ class DataIntegrityError(PipelineError):
 
 class CheckpointError(PipelineError):
     """A checkpoint is missing, truncated or does not match its manifest."""
+
+
+class reading:  # noqa: N801 - used as `with reading(path):`
+    """Turn any error raised while reading `what` (a file, or `file: key`) into one DataIntegrityError
+    naming it, e.g. a tokenizers, safetensors, JSON or Unicode error that names no file itself."""
+
+    def __init__(self, what, action: str = "cannot read"):
+        self.what, self.action = str(what), action
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if exc is None or isinstance(exc, (PipelineError, KeyboardInterrupt, SystemExit, MemoryError)):
+            return False
+        raise DataIntegrityError(f"{self.what}: {self.action} ({one_line(exc)})") from exc
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line, cut to `limit` characters."""
+    msg = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"

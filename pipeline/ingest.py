@@ -35,6 +35,7 @@ from pipeline.io import (atomic_dir, atomic_write_bytes, atomic_write_text, cano
                          sha256_bytes, sha256_file, write_json)
 from pipeline.lineage import provenance
 from pipeline.log import status
+from pipeline.verify import seal
 from pipeline.sources import iter_documents
 from pipeline.sources.filters import filter_unit, finish
 from pipeline.sources.hf import hf_shards, shard_documents
@@ -81,12 +82,12 @@ def work_dir(out_dir: Path) -> Path:
     return out_dir.with_name(f".{out_dir.name}.work")
 
 
-def _unit_jobs(src, manifest_path: str, unit_docs: int) -> list[tuple[str, object, str]]:
+def _unit_jobs(src, manifest_path: str, unit_docs: int, allow_paths=()) -> list[tuple[str, object, str]]:
     """(kind, payload, input fingerprint) per unit: fixed runs of raw documents, or hub shards."""
     if isinstance(src, HFSource):
-        shards = hf_shards(src, manifest_path)
+        shards = hf_shards(src, manifest_path, allow_paths)
         return [("hf", sh, f"shard {i} of {len(shards)}") for i, sh in enumerate(shards)]
-    docs = list(iter_documents(src, manifest_path))
+    docs = list(iter_documents(src, manifest_path, allow_paths))
     jobs = []
     for i in range(0, len(docs), unit_docs):
         chunk = docs[i:i + unit_docs]
@@ -137,13 +138,13 @@ def _fingerprint(src, i: int, n: int, input_id: str) -> str:
 
 
 def ingest_units(sources, manifest_path: str, work: Path, executor, unit_docs: int,
-                 on_unit: Callable[[str, int, int], None] | None = None) -> dict[str, list[str]]:
+                 on_unit: Callable[[str, int, int], None] | None = None, allow_paths=()) -> dict[str, list[str]]:
     """Make sure every unit of every source is committed to the work folder: those an earlier run
     finished stay, the others run on `executor` and are committed as soon as each is back.
     `on_unit(source, i, n)` is called after each commit. Returns the fingerprints per source."""
     pending, fingerprints = [], {}
     for src in sources:
-        jobs = _unit_jobs(src, manifest_path, unit_docs)
+        jobs = _unit_jobs(src, manifest_path, unit_docs, allow_paths)
         fingerprints[src.name] = [_fingerprint(src, i, len(jobs), job[2]) for i, job in enumerate(jobs)]
         resumed = 0
         for i, (kind, payload, _input) in enumerate(jobs):
@@ -186,7 +187,7 @@ def run(recipe: Recipe, update_lock: bool = False, out_dir: Path = OUT,
     try:
         with make_executor(recipe.data) as executor:
             fingerprints = ingest_units(manifest.sources, manifest_path, work, executor,
-                                        recipe.data.unit_docs, on_unit)
+                                        recipe.data.unit_docs, on_unit, manifest.allow_paths)
         with atomic_dir(out_dir) as tmp:
             for src in manifest.sources:
                 docs, counts = finish(src, load_units(src, work, fingerprints[src.name]))
@@ -218,7 +219,7 @@ def run(recipe: Recipe, update_lock: bool = False, out_dir: Path = OUT,
                         f"(python {platform.python_version()}). Refusing to train on different data; "
                         f"if the change is intended, run `omp ingest --recipe ... --update-lock`.")
             write_json(tmp / "ingest.json", report)
-            write_json(tmp / "provenance.json", provenance("ingest", recipe, {"manifest": report["manifest_sha256"]}))
+            seal(tmp, provenance("ingest", recipe, {"manifest": report["manifest_sha256"]}))
     except PipelineError:
         shutil.rmtree(work, ignore_errors=True)  # bad input: nothing partial stays behind
         raise
@@ -236,6 +237,10 @@ def run(recipe: Recipe, update_lock: bool = False, out_dir: Path = OUT,
 
 
 def read_documents(name: str, ingest_dir: Path = OUT) -> list[str]:
+    """The documents of one ingested source, its shards checked against the ingest record first."""
+    from pipeline.verify import check_name, verify_stage
+
+    verify_stage(ingest_dir, under=check_name(name, "source name"))
     docs = []
     for shard in sorted((ingest_dir / name).glob("shard-*.jsonl")):
         with open(shard, encoding="utf-8") as f:

@@ -69,19 +69,77 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """Parsed JSON; a file that is not UTF-8 JSON is DataIntegrityError naming it (and the line)."""
+    from pipeline.errors import DataIntegrityError
+
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataIntegrityError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataIntegrityError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
+def clean_leftovers(path: str | os.PathLike) -> None:
+    """Temporary siblings (`.<name>.tmp-*`, `.<name>.old-*`) a killed run left beside `path`.
+
+    Called at the start of the next write of `path` (which holds the stage lock): if the kill came
+    between the two renames of the fallback swap, `path` is missing and the old folder is put back.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"))
+    if not path.exists() and olds:
+        os.replace(olds[-1], path)
+        olds = olds[:-1]
+    for p in [*olds, *path.parent.glob(f".{path.name}.tmp-*")]:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """`dst` gets the files of `src` as hard links (no copy; the files are immutable once written)."""
+    for root, dirs, files in os.walk(src):
+        rel = Path(root).relative_to(src)
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            os.link(Path(root) / name, dst / rel / name)
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Build a directory in a temporary sibling; on success it replaces `path` in one rename.
+def atomic_dir(path: str | os.PathLike, keep: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Build a directory in a temporary sibling; on success it replaces `path` in one atomic swap.
 
-    On an exception (or a kill) the temporary directory is removed or left under a dot-name
-    that no stage reads, and whatever was at `path` before is untouched.
+    Every output of a stage is written there, so a kill never leaves a mix of two runs: readers see
+    the old folder whole or the new one whole. `keep` names subfolders of the old `path` written
+    during the run (pretrain's checkpoints/) that carry over (hard links) into the new one. On an
+    exception the temporary directory is removed and whatever was at `path` before is untouched;
+    after a kill, the next write of `path` removes what is left (clean_leftovers).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
@@ -90,14 +148,21 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             for name in files:
                 with open(os.path.join(root, name), "rb") as f:
                     os.fsync(f.fileno())
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        for name in keep:
+            if (path / name).is_dir() and not (tmp / name).exists():
+                _link_tree(path / name, tmp / name)
+        if path.exists() and _exchange(tmp, path):
+            _fsync_dir(path.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+        else:
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+                os.replace(path, old)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -48,7 +48,9 @@ def special_ids(tokenizer_dir: Path) -> dict[str, int | None]:
     from tokenizers import Tokenizer
 
     from pipeline.io import read_json
+    from pipeline.verify import verify_stage
 
+    verify_stage(tokenizer_dir)  # the tokenizer files are the ones the tokenizer stage recorded
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     conf = read_json(tokenizer_dir / "tokenizer_config.json")
 
@@ -64,7 +66,9 @@ def special_ids(tokenizer_dir: Path) -> dict[str, int | None]:
 def vocab_size(tokenizer_dir: Path) -> int:
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    from pipeline.verify import verified
+
+    return Tokenizer.from_file(str(verified(tokenizer_dir, "tokenizer.json"))).get_vocab_size(with_added_tokens=True)
 
 
 def count_params(model: torch.nn.Module) -> int:

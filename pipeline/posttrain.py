@@ -27,9 +27,10 @@ from tqdm import tqdm
 from pipeline.config import Recipe, SFTSourceCfg, load_manifest
 from pipeline.device import autocast as device_autocast
 from pipeline.device import resolve as resolve_device
-from pipeline.errors import CheckpointError, PipelineError, RecipeError
+from pipeline.errors import CheckpointError, PipelineError, RecipeError, reading
 from pipeline.io import atomic_dir, read_json, sha256_file, write_json
 from pipeline.lineage import provenance
+from pipeline.verify import seal, verify_model_dir
 from pipeline.sources import arithmetic
 
 PRETRAIN_DIR = Path("artifacts/pretrain/final")
@@ -122,20 +123,32 @@ def messages_from_dataset(ds, field: str, where: str) -> list[list[dict]]:
     return [_check_messages(row, f"{where} row {i}") for i, row in enumerate(ds[field])]
 
 
-def _load_messages(src: SFTSourceCfg) -> list[list[dict]]:
+def _load_messages(src: SFTSourceCfg, allow_paths=(), rfile: str = "<recipe>") -> list[list[dict]]:
+    import glob
+
     import datasets
+
+    from pipeline.sources import decode_text, hub_or_local
+    from pipeline.verify import confine
 
     if src.kind == "local":
         files = []
         for p in src.paths:
-            found = sorted(Path().glob(p)) if any(c in p for c in "*?[") else [Path(p)]
-            if not found or not all(f.is_file() for f in found):
+            confine(p.split("*")[0] or ".", f"{rfile}: posttrain.sft.paths", allow_paths)
+            found = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
+            if not found or not all(Path(f).is_file() for f in found):
                 raise PipelineError(f"posttrain.sft: local file {p} not found")
+            for f in found:  # globs and symlinks may lead elsewhere; text must be UTF-8
+                confine(f, f"{rfile}: posttrain.sft.paths", allow_paths)
+                decode_text(Path(f).read_bytes(), f)
             files += [str(f) for f in found]
-        ds = datasets.load_dataset("json", data_files=files, split="train")
+        with reading(", ".join(files), "cannot load as JSON lines"):
+            ds = datasets.load_dataset("json", data_files=files, split="train")
         where = ", ".join(files)
     else:
-        ds = datasets.load_dataset(src.repo_id, revision=src.revision, split=src.split)
+        hub_or_local(src.repo_id, f"{rfile}: posttrain.sft.repo_id", allow_paths)
+        with reading(f"{rfile}: posttrain.sft.repo_id {src.repo_id}@{src.revision}", "cannot load"):
+            ds = datasets.load_dataset(src.repo_id, revision=src.revision, split=src.split)
         where = f"{src.repo_id}@{src.revision}"
     return messages_from_dataset(ds, src.messages_field, where)
 
@@ -151,7 +164,9 @@ def sft_conversations(recipe: Recipe, ingest_dir: Path = INGEST_DIR) -> list[lis
             items = [chat(q, a) for q, a in docs_pairs(_training_docs(recipe, "python-docs", ingest_dir),
                                                       cfg.answer_max_chars)]
         else:
-            items = _load_messages(src)
+            from pipeline.config import recipe_path
+
+            items = _load_messages(src, recipe.allow_paths, recipe_path(recipe))
         random.Random(f"{posttrain_seed(recipe)}-sft-source-{i}").shuffle(items)
         convs += items[:src.max_examples]
     random.Random(f"{posttrain_seed(recipe)}-sft").shuffle(convs)
@@ -238,6 +253,22 @@ def _batches(n_items: int, batch_size: int, steps: int, seed: str):
         order = order[batch_size:]
 
 
+class TrainingDiverged(PipelineError):
+    """A non-finite loss or weight: nothing is written, the previous output stays."""
+
+
+def check_finite(loss: float, model, phase: str, step: int) -> None:
+    """Pretraining's guard for SFT and DPO: a NaN/inf loss, or a weight made NaN/inf by the update,
+    stops the stage naming the step (before anything is written)."""
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"posttrain.{phase}: non-finite loss ({loss}) at step {step}; nothing written "
+                               f"(lower posttrain{'.dpo' if phase == 'dpo' else ''}.lr?)")
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise TrainingDiverged(f"posttrain.{phase}: weight {name} became non-finite at step {step}; "
+                                   "nothing written")
+
+
 def sft(model, tok, examples: list[Example], cfg, seed: int) -> list[float]:
     """Train on the assistant tokens (mean over labelled tokens of the batch); returns per-step loss."""
     torch.manual_seed(seed)
@@ -250,12 +281,14 @@ def sft(model, tok, examples: list[Example], cfg, seed: int) -> list[float]:
         batch = collate([examples[i] for i in idx], tok.pad_token_id)
         lp, n = token_logprobs(model, batch, cfg.precision)
         loss = -lp.sum() / n.sum().clamp(min=1)
+        check_finite(loss.item(), model, "sft", len(losses))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+    check_finite(losses[-1] if losses else 0.0, model, "sft", len(losses))
     model.eval()
     return losses
 
@@ -295,11 +328,13 @@ def dpo(model, tok, pairs, cfg, max_len: int, seed: int, precision: str = "fp32"
         b = len(idx)
         margin = cfg.beta * ((lp[:b] - ref_lp[:b]) - (lp[b:] - ref_lp[b:]))
         loss = -F.logsigmoid(margin).mean()
+        check_finite(loss.item(), model, "dpo", len(log))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         log.append({"loss": loss.item(), "reward_accuracy": (margin > 0).float().mean().item()})
+    check_finite(log[-1]["loss"] if log else 0.0, model, "dpo", len(log))
     model.eval()
     return log
 
@@ -353,8 +388,10 @@ def load_model(model_dir: Path):
 
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise CheckpointError(f"{model_dir}: no config.json + model.safetensors; run the pretrain stage first")
+    verify_model_dir(model_dir)  # weights, config and tokenizer as the pretrain stage recorded them
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    # local_files_only fixed, not taken from HF_HUB_OFFLINE: transformers saves it in tokenizer_config.json
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     if tok.chat_template is None:
         raise CheckpointError(f"{model_dir}: tokenizer has no chat template")
     return model.eval(), tok
@@ -401,7 +438,7 @@ def run(recipe: Recipe, pretrain_dir: Path = PRETRAIN_DIR, ingest_dir: Path = IN
             "model_sha256": sha256_file(final / "model.safetensors"),
             "pretrain_lineage": _maybe_json(pretrain_dir / "lineage.json")})
         write_json(tmp / "metrics.json", metrics)
-        write_json(tmp / "provenance.json", provenance("posttrain", recipe, inputs,
+        seal(tmp, provenance("posttrain", recipe, inputs,
                                                        model_sha256=sha256_file(final / "model.safetensors")))
     return metrics
 

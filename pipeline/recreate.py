@@ -1,11 +1,16 @@
 """`omp recreate <release dir | lineage.json> [--until pretrain|posttrain|quantize]`.
 
-Rebuilds the chain from the lineage alone in a fresh working directory (the resolved recipe and
-the data manifests + lock files are written there from lineage.json), refusing anything whose
-hash does not match (recipe, manifests, the published indices, the recreated indices and token
-files), then compares every tensor of the result with the published weights: how many are
-bitwise equal, the max abs difference, and a verdict on the last line. Exit 0 only on a match
-(bitwise by default; `--tolerance` for comparisons across platforms).
+First every file of the release is verified against `lineage.json` (`files`: relative path ->
+sha256; a missing, extra or changed file is refused by name, before any work), and the lineage
+against itself (the recipe, manifests, data order and checkpoint hashes it names agree with those
+files). Every path it names is confined to the work folder. Then the chain is rebuilt from the
+lineage alone in a fresh working directory (the resolved recipe and the data manifests + lock
+files are written there from lineage.json), refusing a recreated data order that differs, and
+every release file the chain rebuilds up to `--until` (weights, config, tokenizer, generation
+config, quantized variants, GGUF files, the data order, the recipe) is compared with the
+published one: tensors one by one for safetensors, bytes for the rest. Exit 0 only on a match
+(bitwise by default; `--tolerance` relaxes safetensors tensors only, for other platforms).
+Not rebuilt: the model card (evaluation results and timings) and lineage.json itself.
 """
 
 from __future__ import annotations
@@ -20,37 +25,113 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import recipe_sha256, Recipe
-from pipeline.errors import DataIntegrityError, PipelineError
-from pipeline.io import canonical_json, read_json, sha256_bytes, sha256_file
+from pipeline.errors import DataIntegrityError, PipelineError, RecipeError
+from pipeline.io import read_json, sha256_bytes, sha256_file
 from pipeline.lineage import git_commit
+from pipeline.verify import PathError, check_name, check_relpath, verify_file, verify_tree
 
 DATA_STAGES = ["ingest", "tokenizer", "tokenize", "blend"]
 UNTIL = {"pretrain": ["pretrain"], "posttrain": ["pretrain", "posttrain"],
          "quantize": ["pretrain", "posttrain", "quantize"]}
 
 
-def load_lineage(target: Path) -> tuple[dict, Path | None]:
+def load_lineage(target: Path) -> tuple[dict, Path]:
     target = Path(target)
     path = target / "lineage.json" if target.is_dir() else target
     if not path.is_file():
         raise PipelineError(f"{path}: not found")
-    return read_json(path), (path.parent if (path.parent / "data").is_dir() else None)
+    lineage = read_json(path)
+    if not isinstance(lineage, dict):
+        raise DataIntegrityError(f"{path}: not a lineage (a JSON object)")
+    return lineage, path.parent
 
 
-def verify_published(lineage: dict, release: Path | None) -> None:
+def _get(lineage: dict, *keys, kind=None):
+    """lineage[k1][k2]...; DataIntegrityError naming the key path when absent or of another type."""
+    cur = lineage
+    for i, k in enumerate(keys):
+        if not isinstance(cur, dict) or k not in cur:
+            raise DataIntegrityError(f"lineage.json: {'.'.join(map(str, keys[:i + 1]))}: missing")
+        cur = cur[k]
+    if kind is not None and not isinstance(cur, kind):
+        raise DataIntegrityError(f"lineage.json: {'.'.join(map(str, keys))}: expected {kind.__name__}")
+    return cur
+
+
+def check_paths(lineage: dict, allow_outside: bool = False) -> None:
+    """Every name and path the lineage uses to write or read files stays inside the work folder."""
+    check_name(_get(lineage, "name", kind=str), "lineage.json: name")
+    for i, m in enumerate(_get(lineage, "manifests", kind=list)):
+        if not isinstance(m, dict):
+            raise DataIntegrityError(f"lineage.json: manifests.{i}: expected an object")
+        check_relpath(m.get("path"), f"lineage.json: manifests.{i}.path")
+    recipe = _get(lineage, "recipe", kind=dict)
+    check_relpath(_get(lineage, "recipe", "data", "manifest", kind=str), "lineage.json: recipe.data.manifest")
+    for f in _get(lineage, "data", kind=dict).get("decontamination", {}).get("files", {}):
+        check_relpath(f, "lineage.json: data.decontamination.files")
+    for i, c in enumerate(_get(lineage, "checkpoints", kind=list)):
+        check_name(c.get("name"), f"lineage.json: checkpoints.{i}.name")
+        if "file" in c:
+            check_name(c["file"], f"lineage.json: checkpoints.{i}.file")
+    outside = list(recipe.get("allow_paths") or [])
+    for m in lineage["manifests"]:
+        if m["path"].endswith((".yaml", ".yml")):
+            try:
+                from pipeline.config import safe_load_unique
+
+                outside += list((safe_load_unique(m.get("text", "")) or {}).get("allow_paths") or [])
+            except Exception as e:  # noqa: BLE001 - a manifest that does not parse is refused by name
+                raise DataIntegrityError(f"lineage.json: manifest {m['path']}: not valid YAML ({e})") from None
+    if outside and not allow_outside:
+        raise PathError(f"lineage.json: allow_paths {outside} would let the recreated chain read files outside "
+                        "its work folder; refusing (pass --allow-outside after checking them)")
+
+
+def verify_release(lineage: dict, release: Path) -> None:
+    """Every file of the release is the one lineage.json lists (no file missing, added or changed),
+    and the hashes the lineage quotes elsewhere agree with that list."""
+    files = lineage.get("files")
+    if not isinstance(files, dict) or not files:
+        raise DataIntegrityError(f"{release / 'lineage.json'}: lists no release files (`files`); "
+                                 "cannot verify this release (made by an older version?)")
+    verify_tree(release, files, "lineage.json", skip=("lineage.json",), hidden=True)
+    data = _get(lineage, "data", kind=dict)
+    quoted = {"model.safetensors": lineage.get("model_sha256"), "data/indices.npy": data.get("indices_sha256"),
+              "data/blend.json": data.get("blend_json_sha256"),
+              **data.get("decontamination", {}).get("files", {})}
+    top = lineage.get("released_variant", "posttrain")
+    for c in lineage["checkpoints"]:
+        if c.get("stage") == top:
+            quoted["model.safetensors"] = quoted["model.safetensors"] or c.get("sha256")
+            if c.get("sha256") != quoted["model.safetensors"]:
+                raise DataIntegrityError(f"lineage.json: checkpoints.{c['name']}.sha256 does not match model_sha256")
+        elif c.get("stage") == "pretrain" and "base/model.safetensors" in files:
+            quoted["base/model.safetensors"] = c.get("sha256")
+        elif c.get("stage") == "quantize" and f"quantized/{c['name']}/{c.get('file')}" in files:
+            quoted[f"quantized/{c['name']}/{c['file']}"] = c.get("sha256")
+    for rel, digest in sorted(quoted.items()):
+        if rel in files and files[rel] != digest:
+            raise DataIntegrityError(f"{release / rel}: lineage.json records two different sha256 for it "
+                                     f"(files: {files[rel][:16]}…, elsewhere: {str(digest)[:16]}…)")
+        if rel not in files:
+            raise DataIntegrityError(f"{release / rel}: named by lineage.json but not in its file list")
+
+
+def verify_published(lineage: dict, release: Path) -> None:
     """The lineage is self-consistent and the published files are the ones it names."""
-    recipe = Recipe.model_validate(lineage["recipe"])
-    if recipe_sha256(recipe) != lineage["recipe_sha256"]:
+    from pydantic import ValidationError
+
+    try:
+        recipe = Recipe.model_validate(lineage["recipe"])
+    except ValidationError as e:
+        from pipeline.config import _format_errors
+
+        raise RecipeError("lineage.json", "recipe", _format_errors(e)) from None
+    if recipe_sha256(recipe) != lineage.get("recipe_sha256"):
         raise DataIntegrityError("lineage.json: the recipe does not hash to recipe_sha256; refusing to recreate")
     for m in lineage["manifests"]:
-        if sha256_bytes(m["text"].encode("utf-8")) != m["sha256"]:
+        if not isinstance(m.get("text"), str) or sha256_bytes(m["text"].encode("utf-8")) != m.get("sha256"):
             raise DataIntegrityError(f"lineage.json: manifest {m['path']} does not match its sha256")
-    if release is not None:
-        for f, key in (("indices.npy", "indices_sha256"), ("blend.json", "blend_json_sha256")):
-            p = release / "data" / f
-            if p.is_file() and sha256_file(p) != lineage["data"][key]:
-                raise DataIntegrityError(f"{p}: sha256 {sha256_file(p)[:16]}… does not match lineage.json "
-                                         f"{key} {lineage['data'][key][:16]}…; the published data order was altered")
 
 
 def place_decontamination_files(lineage: dict, release: Path | None, wd: Path) -> None:
@@ -58,14 +139,11 @@ def place_decontamination_files(lineage: dict, release: Path | None, wd: Path) -
     each checked against its sha256 in the lineage: a different file would cut other tokens."""
     files = lineage["data"].get("decontamination", {}).get("files", {})
     for rel_path, want in files.items():
-        src = next((p for p in ((release / rel_path) if release else None, Path.cwd() / rel_path)
-                    if p is not None and p.is_file()), None)
-        if src is None:
-            raise DataIntegrityError(f"lineage.json: decontamination file {rel_path} is neither in the release "
-                                     "nor in this checkout")
-        if sha256_file(src) != want:
-            raise DataIntegrityError(f"{src}: sha256 {sha256_file(src)[:16]}… does not match lineage.json "
-                                     f"{want[:16]}…; training was decontaminated against another version")
+        check_relpath(rel_path, "lineage.json: data.decontamination.files")
+        src = release / rel_path
+        if not src.is_file():
+            raise DataIntegrityError(f"{src}: decontamination file named by lineage.json is not in the release")
+        verify_file(src, want, "lineage.json data.decontamination")
         (wd / rel_path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, wd / rel_path)
     if not files and (Path.cwd() / "evals").is_dir() and not (wd / "evals").exists():
@@ -123,33 +201,86 @@ def compare_safetensors(published: Path, recreated: Path, tolerance: float = 0.0
     return ok, lines
 
 
-def targets(lineage: dict, release: Path | None, workdir: Path, until: str) -> list[tuple[str, Path, Path]]:
-    """(label, published safetensors, recreated safetensors) to compare for `until`."""
-    if release is None:
-        raise PipelineError("recreate needs the release directory (its weights) to compare tensors")
+def expected_files(lineage: dict, workdir: Path, until: str) -> dict[str, Path]:
+    """Release path -> the file the recreated chain produced for it, for every release file the
+    stages up to `until` rebuild, assembled the way `omp release` assembles them."""
+    from pipeline.release import copy_model_dir
+
+    art, out = workdir / "artifacts", workdir / ".expected-release"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     top = lineage.get("released_variant", "posttrain")
-    out = []
-    if until == "quantize":
-        for c in lineage["checkpoints"]:
-            if c["stage"] == "quantize":
-                pub = release / "quantized" / c["name"] / c["file"]
-                rec = next((workdir / "artifacts/quantize").rglob(f"{c['name']}/{c['file']}"), None)
-                if pub.is_file() and rec is not None:
-                    out.append((f"quantized/{c['name']}", pub, rec))
-        until = top
-    if until == top:
-        out.insert(0, (until, release / "model.safetensors", workdir / f"artifacts/{until}/final/model.safetensors"))
-    elif until == "pretrain" and (release / "base/model.safetensors").is_file():
-        out.insert(0, ("pretrain (base/)", release / "base/model.safetensors",
-                       workdir / "artifacts/pretrain/final/model.safetensors"))
-    if not out:
-        raise PipelineError(f"the release has no published weights for --until {until}")
-    return out
+    built = UNTIL[until]
+    if top in built and (art / top / "final").is_dir():
+        copy_model_dir(art / top / "final", out)
+    if top == "posttrain" and "pretrain" in built and (art / "pretrain/final").is_dir():
+        copy_model_dir(art / "pretrain/final", out / "base")
+    if "quantize" in built and (art / "quantize/report.json").is_file():
+        for v in read_json(art / "quantize/report.json").get("variants", []):
+            src = art / "quantize" / check_relpath(v.get("path", v["name"]), "quantize report: variant path")
+            if src.is_dir():
+                copy_model_dir(src, out / "quantized" / check_name(v["name"], "quantize report: variant name"))
+        for g in sorted((art / "quantize/gguf").glob("*.gguf")):
+            (out / "gguf").mkdir(exist_ok=True)
+            shutil.copyfile(g, out / "gguf" / g.name)
+    (out / "data").mkdir()
+    for f in ("indices.npy", "blend.json"):
+        shutil.copyfile(art / "blend" / f, out / "data" / f)
+    from pipeline.config import recipe_dict
+
+    # as `omp release` writes it: the recipe's field order (lineage.json stores its keys sorted)
+    recipe = recipe_dict(Recipe.model_validate(lineage["recipe"]))
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return {p.relative_to(out).as_posix(): p for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def run(target: Path, until: str | None = None, workdir: Path | None = None, tolerance: float = 0.0) -> int:
+def compare_release(lineage: dict, release: Path, workdir: Path, until: str,
+                    tolerance: float) -> tuple[bool, list[str]]:
+    """Every published file the chain rebuilt, compared with the rebuilt one (tensors for safetensors,
+    bytes otherwise); then the published files it did not rebuild, and why."""
+    files = lineage["files"]
+    rebuilt = expected_files(lineage, workdir, until)
+    ok, lines, equal = True, [], 0
+    for rel in sorted(files):
+        if rel not in rebuilt:
+            continue
+        pub, rec = release / rel, rebuilt[rel]
+        if rel.endswith(".safetensors"):
+            good, tensor_lines = compare_safetensors(pub, rec, tolerance)
+            lines.append(f"{rel}:")
+            lines += tensor_lines
+            same = sha256_file(rec) == files[rel]
+            good = good and (same or tolerance > 0)  # bitwise: the file's bytes too (header, metadata)
+        else:
+            good = same = sha256_file(rec) == files[rel]
+            lines.append(f"{rel}: {'bytes equal' if same else 'DIFFERS from the rebuilt file'}")
+        equal += same
+        ok = ok and good
+    missing = sorted(set(rebuilt) - set(files))
+    for rel in missing:  # the chain made a file the release does not have
+        ok = False
+        lines.append(f"{rel}: rebuilt, but not in the release")
+    compared = [r for r in files if r in rebuilt]
+    if not compared:
+        raise PipelineError(f"the release has no file that --until {until} rebuilds")
+    rest = sorted(r for r in files if r not in rebuilt)
+    deco = set(lineage["data"].get("decontamination", {}).get("files", {}))
+    lines.append(f"{equal}/{len(compared)} rebuilt files byte-identical to the published ones")
+    for rel in rest:
+        why = ("decontamination input, verified against lineage.json" if rel in deco else
+               "model card: evaluation results and timings, not rebuilt" if rel == "README.md" else
+               f"not rebuilt by --until {until} (verified against lineage.json)")
+        lines.append(f"  not rebuilt: {rel} ({why})")
+    return ok, lines
+
+
+def run(target: Path, until: str | None = None, workdir: Path | None = None, tolerance: float = 0.0,
+        allow_outside: bool = False) -> int:
     lineage, release = load_lineage(target)
+    check_paths(lineage, allow_outside)
+    verify_release(lineage, release)
     verify_published(lineage, release)
+    print(f"verified: {len(lineage['files'])} release files match lineage.json")
     until = until or lineage.get("released_variant", "posttrain")
     code = git_commit()
     if lineage["code"].get("commit") and code.get("commit") != lineage["code"]["commit"]:
@@ -158,9 +289,23 @@ def run(target: Path, until: str | None = None, workdir: Path | None = None, tol
     own_tmp = workdir is None
     wd = Path(workdir or tempfile.mkdtemp(prefix="omp-recreate-"))
     wd.mkdir(parents=True, exist_ok=True)
+    from pipeline.lock import output_lock
+
+    with output_lock(wd, command="omp recreate"):
+        ok = _recreate(lineage, release, wd, until, tolerance)
+    if own_tmp and ok:
+        shutil.rmtree(wd, ignore_errors=True)
+    verdict = ("MATCH: every rebuilt file equals the published one"
+               + (" bitwise" if tolerance == 0 else f" (tensors within tolerance {tolerance:g})")) if ok else \
+        "MISMATCH: the recreated files differ from the published ones"
+    print(verdict)
+    return 0 if ok else 1
+
+
+def _recreate(lineage: dict, release: Path, wd: Path, until: str, tolerance: float) -> bool:
     print(f"recreating {lineage['name']} until {until} in {wd}")
     for m in lineage["manifests"]:
-        p = wd / m["path"]
+        p = wd / check_relpath(m["path"], "lineage.json: manifests.path")
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(m["text"], encoding="utf-8")
     (wd / "recipe.yaml").write_text(yaml.safe_dump(lineage["recipe"], sort_keys=False), encoding="utf-8")
@@ -173,17 +318,6 @@ def run(target: Path, until: str | None = None, workdir: Path | None = None, tol
         if stage == "posttrain" and not any(c["stage"] == "posttrain" for c in lineage["checkpoints"]):
             continue
         _run_stage(stage, wd)
-    ok = True
-    for label, pub, rec in targets(lineage, release, wd, until):
-        good, lines = compare_safetensors(pub, rec, tolerance)
-        print(f"{label}:")
-        print("\n".join(lines))
-        ok = ok and good
-    verdict = ("MATCH: the recreated weights equal the published ones"
-               + (" bitwise" if tolerance == 0 else f" (tolerance {tolerance:g})")) if ok else \
-        "MISMATCH: the recreated weights differ from the published ones"
-    if own_tmp and ok:
-        import shutil
-        shutil.rmtree(wd, ignore_errors=True)
-    print(verdict)
-    return 0 if ok else 1
+    ok, lines = compare_release(lineage, release, wd, until, tolerance)
+    print("\n".join(lines))
+    return ok

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import Recipe, recipe_dict
+from pipeline.config import Recipe, recipe_dict, recipe_path
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_json, sha256_file, write_json
 from pipeline.lineage import chain_lineage, provenance
 from pipeline.log import status
+from pipeline.verify import check_name, check_relpath, outputs_of, seal, verify_file, verify_stage
 
 OUT = Path("artifacts/release")
 ART = Path("artifacts")
@@ -252,10 +253,18 @@ def model_card(recipe: Recipe, lineage: dict, name: str) -> str:
     return "\n".join(lines)
 
 
+def verify_inputs(recipe: Recipe) -> None:
+    """Every stage output the release copies or quotes, checked against its stage's record first."""
+    for stage in ("blend", "pretrain", "posttrain", "quantize", "evaluate"):
+        if (ART / stage).is_dir():
+            verify_stage(ART / stage)
+
+
 def run(recipe: Recipe, out_dir: Path = OUT) -> Path:
     cfg = recipe.release
-    name = cfg.name or recipe.name
+    name = check_name(cfg.name or recipe.name, f"{recipe_path(recipe)}: release.name")
     top = _variant_dir(cfg.variant)
+    verify_inputs(recipe)
     lineage = chain_lineage(recipe, ART)
     lineage["released_variant"] = cfg.variant
     for w in warnings_vs_base(versus_base(cfg.variant), cfg.variant) if cfg.variant != "pretrain" else []:
@@ -268,9 +277,9 @@ def run(recipe: Recipe, out_dir: Path = OUT) -> Path:
         qreport = ART / "quantize" / "report.json"
         if cfg.include_quantized and qreport.is_file():
             for v in read_json(qreport).get("variants", []):
-                src = ART / "quantize" / v.get("path", v["name"])
+                src = ART / "quantize" / check_relpath(v.get("path", v["name"]), f"{qreport}: variant path")
                 if src.is_dir():
-                    copy_model_dir(src, rel / "quantized" / v["name"])
+                    copy_model_dir(src, rel / "quantized" / check_name(v["name"], f"{qreport}: variant name"))
         gguf = sorted((ART / "quantize" / "gguf").glob("*.gguf"))
         if cfg.include_gguf and gguf:
             (rel / "gguf").mkdir()
@@ -280,14 +289,18 @@ def run(recipe: Recipe, out_dir: Path = OUT) -> Path:
         for f in ("indices.npy", "blend.json"):
             shutil.copyfile(ART / "blend" / f, rel / "data" / f)
         # training was decontaminated against these eval files: recreating the tokens needs them
-        for f in lineage["data"]["decontamination"].get("files", {}):
+        for f, digest in lineage["data"]["decontamination"].get("files", {}).items():
+            check_relpath(f, "tokenize.json: decontamination file")
             (rel / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, rel / f)
+            shutil.copyfile(verify_file(f, digest, "artifacts/tokenize/tokenize.json"), rel / f)
         (rel / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(recipe), sort_keys=False), encoding="utf-8")
         lineage["model_sha256"] = sha256_file(rel / "model.safetensors")
-        write_json(rel / "lineage.json", lineage)
         (rel / "README.md").write_text(model_card(recipe, lineage, name), encoding="utf-8")
-        write_json(tmp / "provenance.json", provenance("release", recipe, {"model": lineage["model_sha256"],
+        # every file of the release but lineage.json itself: `omp recreate` checks them all first
+        lineage["files"] = outputs_of(rel)
+        lineage["files"].pop("lineage.json", None)
+        write_json(rel / "lineage.json", lineage)
+        seal(tmp, provenance("release", recipe, {"model": lineage["model_sha256"],
                                                                           "indices": lineage["data"]["indices_sha256"]}))
     status(f"release written to {out_dir / name}")
     return out_dir / name

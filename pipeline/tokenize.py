@@ -35,6 +35,7 @@ from pipeline.executor import make_executor
 from pipeline.ingest import OUT as INGEST_DIR, read_documents
 from pipeline.io import atomic_dir, sha256_file, write_json
 from pipeline.lineage import provenance
+from pipeline.verify import seal
 from pipeline.ngrams import covered_by, eval_texts, item_ngrams
 
 OUT = Path("artifacts/tokenize")
@@ -192,6 +193,10 @@ def run(recipe: Recipe, ingest_dir: Path = INGEST_DIR, tokenizer_dir: Path = tok
         out_dir: Path = OUT) -> dict:
     from tokenizers import Tokenizer
 
+    from pipeline.verify import verify_stage
+
+    verify_stage(ingest_dir)
+    verify_stage(tokenizer_dir)
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     vocab = tok.get_vocab_size(with_added_tokens=True)
     eos = tok.token_to_id(tokmod.EOS)
@@ -220,7 +225,7 @@ def run(recipe: Recipe, ingest_dir: Path = INGEST_DIR, tokenizer_dir: Path = tok
                     entry[split]["decontaminated"] = cuts
             report["sources"][src.name] = entry
         write_json(tmp / "tokenize.json", report)
-        write_json(tmp / "provenance.json", provenance(
+        seal(tmp, provenance(
             "tokenize", recipe, {"ingest": sha256_file(ingest_dir / "ingest.json"),
                                  "tokenizer": report["tokenizer_sha256"],
                                  **report["decontamination"].get("files", {})}))

@@ -15,6 +15,7 @@ from pipeline.config import Recipe, load_manifest
 from pipeline.ingest import OUT as INGEST_DIR, read_documents
 from pipeline.io import atomic_dir, read_json, sha256_file, write_json
 from pipeline.lineage import provenance
+from pipeline.verify import seal, verified, verify_stage
 
 OUT = Path("artifacts/tokenizer")
 EOS = "<|endoftext|>"
@@ -68,10 +69,16 @@ def save_hf_tokenizer(tok, out: Path) -> None:
 
 
 def run(recipe: Recipe, ingest_dir: Path = INGEST_DIR, out_dir: Path = OUT) -> dict:
+    from pipeline.config import recipe_path
+    from pipeline.verify import confine
+
     cfg = recipe.tokenizer
+    if not cfg.pretrained_dir:
+        verify_stage(ingest_dir)
     with atomic_dir(out_dir) as tmp:
         if cfg.pretrained_dir:
-            src = Path(cfg.pretrained_dir)
+            src = confine(cfg.pretrained_dir, f"{recipe_path(recipe)}: tokenizer.pretrained_dir", recipe.allow_paths)
+            _vocab_size(src)  # a file tokenizers cannot read is refused naming it, before it is copied
             for f in sorted(src.iterdir()):
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
@@ -82,28 +89,32 @@ def run(recipe: Recipe, ingest_dir: Path = INGEST_DIR, out_dir: Path = OUT) -> d
             save_hf_tokenizer(tok, tmp)
             inputs = {"ingest": sha256_file(ingest_dir / "ingest.json")}
         info = {"vocab_size": _vocab_size(tmp), "tokenizer_sha256": sha256_file(tmp / "tokenizer.json")}
-        write_json(tmp / "provenance.json", provenance("tokenizer", recipe, inputs, **info))
+        seal(tmp, provenance("tokenizer", recipe, inputs, **info))
     return info
 
 
 def _vocab_size(d: Path) -> int:
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    from pipeline.errors import reading
+
+    with reading(d / "tokenizer.json", "not a tokenizers file"):
+        return Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
 
 
 def load(tokenizer_dir: Path = OUT):
     """The tokenizer as transformers loads it (what every later stage and the release use)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    verify_stage(tokenizer_dir)
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
 
 
 def eos_id(tokenizer_dir: Path = OUT) -> int:
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).token_to_id(EOS)
+    return Tokenizer.from_file(str(verified(tokenizer_dir, "tokenizer.json"))).token_to_id(EOS)
 
 
 def vocab_size(tokenizer_dir: Path = OUT) -> int:
-    return read_json(tokenizer_dir / "provenance.json")["vocab_size"]
+    return verify_stage(tokenizer_dir)["vocab_size"]

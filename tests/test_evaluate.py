@@ -33,6 +33,9 @@ def add_random_variant(work: Path) -> Path:
     (work / "artifacts/quantize/report.json").write_text(json.dumps(
         {"baseline_ppl": None, "variants": [{"name": "random-init", "format": "hf", "bytes": 0, "ppl": None,
                                              "ppl_delta_pct": None, "path": "random-init"}]}))
+    from pipeline.verify import seal
+
+    seal(work / "artifacts/quantize", {"stage": "quantize", "stand_in": "tests/test_evaluate.py"})
     return out
 
 
@@ -164,6 +167,10 @@ def test_discover_variants_reads_quantize_report(tmp_path):
         {"name": "int8-rtn", "format": "int8", "bytes": 1, "ppl": 1.0, "ppl_delta_pct": 0.0, "path": "int8-rtn"},
         {"name": "Q8_0", "format": "gguf", "bytes": 1, "ppl": 1.0, "ppl_delta_pct": 0.0,
          "path": "gguf/m-Q8_0.gguf"}]}))
+    from pipeline.verify import seal
+
+    for stage in ("pretrain", "posttrain", "quantize"):  # recorded as the stages record their outputs
+        seal(tmp_path / stage, {"stage": stage})
     got = [(v.name, v.format, v.chat) for v in discover_variants(tmp_path)]
     # the base runs the chat task too: post-training is judged against it on the same prompts
     assert got == [("pretrain", "hf", True), ("posttrain", "hf", True), ("quant-int8-rtn", "hf", True),

@@ -94,13 +94,17 @@ def test_local_messages_files_use_the_hub_loader(micro_data, tmp_path, monkeypat
     rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}]}
             for i in range(5)]
     good.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = load_recipe(MICRO, overrides={"posttrain": {"sft": [{"kind": "local", "paths": [str(good)]}]}})
+    outside = {"posttrain": {"sft": [{"kind": "local", "paths": [str(good)]}]}}
+    with pytest.raises(PipelineError, match=r"posttrain\.sft\.paths: .*chat\.jsonl is outside the project"):
+        sft_conversations(load_recipe(MICRO, overrides=outside), Path("artifacts/ingest"))
+    recipe = load_recipe(MICRO, overrides={**outside, "allow_paths": [str(tmp_path)]})  # opted in by name
     convs = sft_conversations(recipe, Path("artifacts/ingest"))
     assert sorted(c[1]["content"] for c in convs) == [f"hello {i}" for i in range(5)]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n")
-    recipe = load_recipe(MICRO, overrides={"posttrain": {"sft": [{"kind": "local", "paths": [str(bad)]}]}})
+    recipe = load_recipe(MICRO, overrides={"posttrain": {"sft": [{"kind": "local", "paths": [str(bad)]}]},
+                                           "allow_paths": [str(tmp_path)]})
     with pytest.raises(PipelineError, match=r"bad\.jsonl row 0: conversation has no assistant turn"):
         sft_conversations(recipe, Path("artifacts/ingest"))
 

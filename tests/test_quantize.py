@@ -167,6 +167,9 @@ def test_quantize_stage_report_and_variants(micro_pretrained, copy_workdir):
     work = copy_workdir(micro_pretrained)
     # quantize reads only artifacts/posttrain/final: the stand-in pretrained model plays that part
     shutil.copytree(work / "artifacts/pretrain/final", work / "artifacts/posttrain/final")
+    from pipeline.verify import seal
+
+    seal(work / "artifacts/posttrain", {"stage": "posttrain", "stand_in": "artifacts/pretrain/final"})
     proc = omp("quantize", "--recipe", MICRO, cwd=work, env={"HF_HUB_OFFLINE": "1"})
     assert "| int4-gptq-g32 |" in proc.stdout
     out = work / "artifacts/quantize"

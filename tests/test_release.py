@@ -152,7 +152,7 @@ def test_recreate_after_deleting_artifacts_matches_bitwise(released, tmp_path):
     hidden = tmp_path / "original-artifacts"
     os.replace(wd / "artifacts", hidden)  # nothing of the original run is reachable, only the published folder
     try:
-        p = omp("recreate", str(published), "--until", "posttrain", "--workdir", str(tmp_path / "again"),
+        p = omp("recreate", str(published), "--until", "quantize", "--workdir", str(tmp_path / "again"),
                 cwd=tmp_path, check=False)
     finally:
         os.replace(hidden, wd / "artifacts")
@@ -160,6 +160,18 @@ def test_recreate_after_deleting_artifacts_matches_bitwise(released, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert lines[-1].startswith("MATCH") and "bitwise" in lines[-1]
     assert "tensors bitwise equal, max abs diff 0.000e+00" in p.stdout
+    # every file the chain rebuilds is compared, not only tensors: config, tokenizer, GGUF, quantized, data
+    files = read_json(published / "lineage.json")["files"]
+    not_rebuilt = {ln.split("not rebuilt: ")[1].split(" (")[0] for ln in lines if "not rebuilt: " in ln}
+    assert "README.md" in not_rebuilt and all(f.startswith("evals/") or f == "README.md" for f in not_rebuilt)
+    compared = [f for f in files if f not in not_rebuilt]
+    assert f"{len(compared)}/{len(compared)} rebuilt files byte-identical" in p.stdout
+    for f in ("config.json", "tokenizer.json", "generation_config.json", "base/config.json", "recipe.yaml",
+              "data/indices.npy", "data/blend.json"):
+        assert f"{f}: bytes equal" in p.stdout, f
+    assert any(f.startswith("gguf/") and f"{f}: bytes equal" in p.stdout for f in files)
+    assert any(f.startswith("quantized/") and f.endswith("config.json") and f"{f}: bytes equal" in p.stdout
+               for f in files)
 
 
 def test_lm_eval_runs_on_the_release(released, tmp_path):
@@ -205,3 +217,77 @@ def test_release_compares_the_released_variant_with_its_base(tmp_path, monkeypat
     assert [w.split(" on ")[1].split(" ")[0] for w in warned] == expect
     table = "\n".join(release.comparison_lines(rows, "posttrain"))
     assert f"| omp_arith_gen_chat (exact_match) | 200 | 0.300 ± 0.032 | {post_em:.3f} ± " in table
+
+
+# --------------------------------------------------------------------------- tampered releases (issue 17)
+
+TAMPER_KINDS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "model.safetensors", "base/model.safetensors", "base/config.json", "quantized/*/model.safetensors",
+                "quantized/*/config.json", "gguf/*.gguf", "data/indices.npy", "data/blend.json", "recipe.yaml",
+                "README.md", "evals/data/*.jsonl"]
+
+
+def _recreate_in_process(target: Path, wd: Path, capsys, *extra: str) -> tuple[int, str]:
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    code = main(["recreate", str(target), "--workdir", str(wd), *extra])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["flip", "delete"])
+@pytest.mark.parametrize("kind", TAMPER_KINDS)
+def test_recreate_refuses_a_tampered_release_file(released, tmp_path, capsys, kind, how):
+    _, rel, _, _ = released
+    copy = tmp_path / "rel"
+    shutil.copytree(rel, copy)
+    target = sorted(copy.glob(kind))[0]
+    if how == "flip":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        target.write_bytes(bytes(data))
+    else:
+        target.unlink()
+    code, err = _recreate_in_process(copy, tmp_path / "wd", capsys)
+    name = target.relative_to(copy).as_posix()
+    assert code == 2 and name in err and "Traceback" not in err, err
+    assert ("does not match" if how == "flip" else "missing") in err
+    assert not (tmp_path / "wd" / "artifacts").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("change", ["extra-file", "truncated-gguf", "zeroed-hashes", "manifest-traversal",
+                                    "manifest-absolute", "allow-paths", "not-json", "no-file-list"])
+def test_recreate_refuses_a_forged_lineage_or_release(released, tmp_path, capsys, change):
+    _, rel, _, _ = released
+    copy = tmp_path / "rel"
+    shutil.copytree(rel, copy)
+    lin_path = copy / "lineage.json"
+    lin = read_json(lin_path)
+    needle = {"extra-file": "payload.bin", "truncated-gguf": "gguf/", "zeroed-hashes": "does not match",
+              "manifest-traversal": "manifests.0.path", "manifest-absolute": "manifests.0.path",
+              "allow-paths": "allow_paths", "not-json": "lineage.json: line 1", "no-file-list": "lists no release files"}[change]
+    if change == "extra-file":
+        (copy / "data" / "payload.bin").write_bytes(b"x")
+    elif change == "truncated-gguf":
+        g = sorted(copy.glob("gguf/*.gguf"))[0]
+        g.write_bytes(g.read_bytes()[:1000])
+    elif change == "zeroed-hashes":
+        text = lin_path.read_text()
+        for h in set(__import__("re").findall(r"[0-9a-f]{64}", text)):
+            text = text.replace(h, "0" * 64)
+        lin_path.write_text(text)
+    elif change in ("manifest-traversal", "manifest-absolute"):
+        lin["manifests"][0]["path"] = "../../../escaped.yaml" if change == "manifest-traversal" else "/tmp/escaped.yaml"
+        lin_path.write_text(json.dumps(lin))
+    elif change == "allow-paths":
+        lin["recipe"]["allow_paths"] = ["/"]
+        lin_path.write_text(json.dumps(lin))
+    elif change == "not-json":
+        lin_path.write_text("{not json")
+    elif change == "no-file-list":
+        lin.pop("files")
+        lin_path.write_text(json.dumps(lin))
+    code, err = _recreate_in_process(copy, tmp_path / "wd", capsys)
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "wd" / "artifacts").exists()
+    assert not (tmp_path / "escaped.yaml").exists() and not Path("/tmp/escaped.yaml").exists()

@@ -38,6 +38,9 @@ def build_pretrained(workdir: Path, steps: int = 60, hidden: int = 64, layers: i
     tok.save_pretrained(str(out))
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id).save_pretrained(str(out))
+    from pipeline.verify import seal
+
+    seal(out.parent, {"stage": "pretrain", "stand_in": "tests/tiny_model.py"})  # recorded as the stage records it
     return out
 
 

@@ -28,6 +28,7 @@ from pipeline.errors import PipelineError, RecipeError
 from pipeline.io import atomic_dir, canonical_json, read_json, sha256_bytes, sha256_tree, write_json
 from pipeline.lineage import provenance
 from pipeline.log import status
+from pipeline.verify import check_relpath, seal, verify_model_dir, verify_stage
 
 OUT = Path("artifacts/evaluate")
 # lm-eval result keys that change from run to run, commit to commit or boot to boot (pretty_env_info
@@ -52,16 +53,19 @@ def discover_variants(artifacts: Path = ARTIFACTS) -> list[Variant]:
     for name in ("pretrain", "posttrain"):
         d = artifacts / name / "final"
         if (d / "config.json").is_file():
+            verify_model_dir(d)
             # the base runs the chat tasks too (its tokenizer has the template): the released chat
             # model is compared with its base on the same prompts
             found.append(Variant(name, d, "hf", chat=True))
     qdir = artifacts / "quantize"
     report = qdir / "report.json"
+    if qdir.is_dir():
+        verify_stage(qdir)  # every variant file as the quantize stage recorded it
     if report.is_file():
         for v in read_json(report).get("variants", []):
             if "name" not in v or "path" not in v:
                 raise PipelineError(f"{report}: variant entry {v!r} lacks name or path")
-            path = qdir / v["path"]
+            path = qdir / check_relpath(v["path"], f"{report}: variants.{v['name']}.path")
             fmt = "gguf" if str(v.get("format", "")).lower() == "gguf" or path.suffix == ".gguf" else "hf"
             found.append(Variant(f"quant-{v['name']}", path, fmt, chat=True))
     elif qdir.is_dir():  # no report yet: take what is there
@@ -314,7 +318,7 @@ def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dic
         write_json(tmp / "metrics.json", leaderboard.flat_metrics(results))
         leaderboard.write(tmp, results, ratings, contam)
         inputs = {f"{v.name}": model_sha256(v.path)["model_sha256"] for v in variants}
-        write_json(tmp / "provenance.json", provenance("evaluate", recipe, inputs, notes=notes))
+        seal(tmp, provenance("evaluate", recipe, inputs, notes=notes))
     timings_file = Path(out_dir).parent / "timings" / "evaluate.json"   # artifacts/timings/evaluate.json
     timings_file.parent.mkdir(parents=True, exist_ok=True)
     write_json(timings_file, timings)

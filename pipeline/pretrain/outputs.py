@@ -8,6 +8,7 @@ from pathlib import Path
 from pipeline.config import Recipe
 from pipeline.io import atomic_dir, sha256_file, write_json
 from pipeline.lineage import provenance
+from pipeline.verify import seal
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -82,21 +83,25 @@ def plot_loss(out: Path, history: list[dict]) -> Path:
 
 def write(recipe: Recipe, out: Path, model, history: list[dict], metrics: dict, dirs, lineage: dict,
           parent: str | None, speeds: list[dict]) -> dict:
-    final = write_final(model, out, dirs.tokenizer, {**lineage, "parent_checkpoint": parent})
-    vals = [r for r in history if r.get("val")]
-    metrics = {**metrics,
-               "val_loss_initial": val_mean(vals[0]["val"]) if vals else None,
-               "val_loss_final": val_mean(vals[-1]["val"]) if vals else None,
-               "val_loss_per_source_initial": vals[0]["val"] if vals else {},
-               "val_loss_per_source": vals[-1]["val"] if vals else {},
-               "train_loss_final": next((r["loss"] for r in reversed(history) if "loss" in r), None),
-               "model_sha256": sha256_file(final / "model.safetensors")}
-    write_json(out / "history.json", history)
-    write_dvclive(out, history, speeds)
-    plot_loss(out, history)
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "provenance.json", provenance(
-        "pretrain", recipe, {"indices": lineage["indices_sha256"],
-                             "tokenizer": sha256_file(dirs.tokenizer / "tokenizer.json")},
-        model_sha256=metrics["model_sha256"]))
+    """Every output of the run (final/, metrics, history, dvclive/, the plot, provenance) is built in
+    one temporary sibling of `out` and swapped in together (checkpoints/ carried over), so a kill
+    never leaves the new weights beside the old run's metrics or provenance."""
+    with atomic_dir(out, keep=("checkpoints",)) as tmp:
+        final = write_final(model, tmp, dirs.tokenizer, {**lineage, "parent_checkpoint": parent})
+        vals = [r for r in history if r.get("val")]
+        metrics = {**metrics,
+                   "val_loss_initial": val_mean(vals[0]["val"]) if vals else None,
+                   "val_loss_final": val_mean(vals[-1]["val"]) if vals else None,
+                   "val_loss_per_source_initial": vals[0]["val"] if vals else {},
+                   "val_loss_per_source": vals[-1]["val"] if vals else {},
+                   "train_loss_final": next((r["loss"] for r in reversed(history) if "loss" in r), None),
+                   "model_sha256": sha256_file(final / "model.safetensors")}
+        write_json(tmp / "history.json", history)
+        write_dvclive(tmp, history, speeds)
+        plot_loss(tmp, history)
+        write_json(tmp / "metrics.json", metrics)
+        seal(tmp, provenance(
+            "pretrain", recipe, {"indices": lineage["indices_sha256"],
+                                 "tokenizer": sha256_file(dirs.tokenizer / "tokenizer.json")},
+            model_sha256=metrics["model_sha256"]))
     return metrics

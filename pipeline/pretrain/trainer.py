@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from pipeline import checkpoint as ckpt
 from pipeline.comm import Comm, init_process_group
-from pipeline.config import PretrainCfg, Recipe, recipe_sha256
+from pipeline.config import PretrainCfg, Recipe, recipe_dict, recipe_sha256
 from pipeline.data import PublishedOrder
 from pipeline.errors import PipelineError, RecipeError
 from pipeline.io import read_json, write_json
@@ -340,7 +340,11 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
     set_determinism(cfg.threads or max(1, cpu_cores() // ctx.world_size), ctx.device)
 
     order = PublishedOrder(dirs.blend, dirs.tokenize)
-    total = min(cfg.steps or order.steps, order.steps)
+    if cfg.steps is not None and cfg.steps > order.steps:
+        raise RecipeError(getattr(recipe, "_path", "<recipe>"), "pretrain.steps",
+                          f"{cfg.steps} steps, but the published order has {order.steps} (blend.tokens); "
+                          "raise blend.tokens or lower pretrain.steps")
+    total = cfg.steps or order.steps
     rows = order.batch_size // ctx.world_size
     if order.batch_size % ctx.world_size or rows % cfg.grad_accum_steps:
         raise RecipeError(getattr(recipe, "_path", "<recipe>"), "pretrain.grad_accum_steps",
@@ -357,9 +361,11 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
     root = out_dir / "checkpoints"
     start, history, speeds, parent = 0, [], [], None
     path = ckpt.resolve(resume, root, warn=(print if ctx.rank == 0 else (lambda *_: None)))
-    if path is None and ctx.rank == 0 and root.exists():
-        import shutil
-        shutil.rmtree(root)  # a fresh run: older checkpoints belong to another run
+    # a fresh run: older checkpoints belong to another run; removed once this run's first one is written
+    fresh = ckpt.FreshStart(root, fresh=path is None)
+    run_hashes = {"recipe_sha256": recipe_sha256(recipe), "indices_sha256": order.meta["indices_sha256"],
+                  "recipe": recipe_dict(recipe)}
+    mismatch = ckpt.check_resume(path, run_hashes, ckpt.accepts_mismatch(resume)) if path is not None else None
     _barrier(ctx)
     if path is not None:
         start, history, speeds = load_checkpoint(path, engine, ctx)
@@ -368,8 +374,9 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
             print(f"resumed from {path} (step {start})")
     engine.setup()
 
-    lineage = {"git": git_commit(), "recipe_sha256": recipe_sha256(recipe),
-               "indices_sha256": order.meta["indices_sha256"], "world_size": ctx.world_size, **engine.lineage}
+    lineage = {"git": git_commit(), **run_hashes, "world_size": ctx.world_size, **engine.lineage}
+    if mismatch:
+        lineage["resume_mismatch"] = mismatch  # resumed on purpose from another run's checkpoint
     windows = val_windows(order, order.seq_len, cfg.eval_tokens)
 
     def evaluate_now() -> dict | None:
@@ -388,6 +395,7 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
         p = save_checkpoint(root, step, engine, history, ctx, {**lineage, "parent": parent}, speeds)
         parent = f"step-{step:07d}"
         if ctx.rank == 0:
+            fresh.committed(ckpt.step_dir(root, step))
             ckpt.prune(root, cfg.keep_last)
         return p
 

@@ -26,6 +26,7 @@ from pipeline.device import resolve as resolve_device
 from pipeline.errors import CheckpointError, DataIntegrityError
 from pipeline.io import atomic_dir, atomic_write_text, sha256_file, write_json
 from pipeline.lineage import provenance
+from pipeline.verify import seal, verify_model_dir
 from pipeline.quantize.compressed import save_quantized
 from pipeline.quantize.gguf_export import export_gguf, load_into
 from pipeline.quantize.gptq import HessianHook, quantize_gptq
@@ -169,8 +170,11 @@ def _load(model_dir: Path):
 
     if not (model_dir / "model.safetensors").is_file():
         raise CheckpointError(f"{model_dir}: no model.safetensors; run the posttrain stage first")
+    verify_model_dir(model_dir)  # as the posttrain stage recorded it
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
-    return model.eval(), AutoTokenizer.from_pretrained(str(model_dir))
+    # local_files_only: a local folder, and transformers writes this flag into the tokenizer_config.json
+    # it saves; left to the environment (HF_HUB_OFFLINE), two runs would differ in that byte
+    return model.eval(), AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
 
 
 def _entry(name, fmt, path: Path, rel: str, ppl: float, base: float) -> dict:
@@ -221,7 +225,7 @@ def run(recipe: Recipe, model_dir: Path = MODEL_DIR, blend_dir: Path = BLEND_DIR
                                              f"gguf/{path.name}", ppl(work), base_ppl))
         write_json(tmp / "report.json", report)
         atomic_write_text(tmp / "report.md", report_markdown(report))
-        write_json(tmp / "provenance.json", provenance(
+        seal(tmp, provenance(
             "quantize", recipe, {"posttrain_model": report["source_sha256"],
                                  "blend": sha256_file(blend_dir / "blend.json")}))
     return report

@@ -14,12 +14,19 @@ from pipeline.config import HFSource
 from pipeline.errors import RecipeError
 
 
-def hf_shards(source: HFSource, manifest_path: str) -> list:
-    """The dataset's shards, in order: picklable `datasets.IterableDataset`s of one data file each."""
+def hf_shards(source: HFSource, manifest_path: str, allow_paths=()) -> list:
+    """The dataset's shards, in order: picklable `datasets.IterableDataset`s of one data file each.
+    `repo_id` is a hub id `org/name`, or a local directory inside the project (or allow_paths)."""
     import datasets
 
-    ds = datasets.load_dataset(source.repo_id, name=source.config_name, revision=source.revision,
-                               split=source.split, streaming=True)
+    from pipeline.errors import reading
+    from pipeline.sources import hub_or_local
+
+    hub_or_local(source.repo_id, f"{manifest_path}: sources.{source.name}.repo_id", allow_paths)
+    with reading(f"{manifest_path}: sources.{source.name}.repo_id {source.repo_id}@{source.revision}",
+                 "cannot load"):  # unreachable hub, unknown revision, unreadable files: one line
+        ds = datasets.load_dataset(source.repo_id, name=source.config_name, revision=source.revision,
+                                   split=source.split, streaming=True)
     columns = list(ds.features) if ds.features is not None else None
     if columns is not None and source.text_field not in columns:
         raise RecipeError(manifest_path, f"sources.{source.name}.text_field",
@@ -28,4 +35,11 @@ def hf_shards(source: HFSource, manifest_path: str) -> list:
 
 
 def shard_documents(shard, text_field: str) -> list[str]:
-    return [str(row[text_field]) for row in shard]
+    out = []
+    for i, row in enumerate(shard):
+        value = row[text_field]
+        if not isinstance(value, str):  # no str() of numbers, lists or None: refused by name
+            raise RecipeError("hub dataset shard", f"row {i}.{text_field}",
+                              f"is {type(value).__name__}, not a string")
+        out.append(value)
+    return out
