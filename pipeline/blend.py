@@ -20,6 +20,7 @@ from pipeline.config import Recipe, load_manifest, recipe_path, recipe_sha256
 from pipeline.errors import DataIntegrityError, RecipeError
 from pipeline.io import atomic_dir, read_json, sha256_file, write_json
 from pipeline.lineage import provenance
+from pipeline.log import status
 from pipeline.verify import seal, verify_stage
 
 OUT = Path("artifacts/blend")
@@ -117,8 +118,8 @@ def run(recipe: Recipe, tokenize_dir: Path = tokstage.OUT, out_dir: Path = OUT) 
             "blend", recipe, {"tokenize": sha256_file(tokenize_dir / "tokenize.json")}))
     for s in sources:
         if s["upsampled"]:
-            print(f"note: source {s['name']!r} is upsampled: {s['epochs']:.2f} epochs "
-                  f"({s['sequences_available']} sequences available, {s['instances']} used)")
+            status(f"note: source {s['name']!r} is upsampled: {s['epochs']:.2f} epochs "
+                   f"({s['sequences_available']} sequences available, {s['instances']} used)")
     return report
 
 

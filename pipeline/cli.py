@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.log import status
 
 DEFAULT_RECIPE = "recipes/tiny.yaml"
 
@@ -86,13 +87,14 @@ def cmd_leaderboard(args):
         results = leaderboard.load_results(Path(args.evaluate_dir) / "results")
     if not results:
         raise PipelineError("no evaluate results found")
-    baseline = args.baseline or ("HEAD/pretrain" if args.experiments else "pretrain")
+    baseline = args.baseline or ("pretrain" if not args.experiments else
+                                 "workspace/pretrain" if "workspace/pretrain" in results else "HEAD/pretrain")
     print(leaderboard.markdown(results, baseline=baseline))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         leaderboard.write(out, results, None, None, baseline=baseline)
-        print(f"wrote {out}/leaderboard.md, .html, .png")
+        status(f"wrote {out}/leaderboard.md, .html, .png")
 
 
 def cmd_blend_report(args):
@@ -154,7 +156,12 @@ def cmd_recreate(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="omp", description="Open Model Pipeline")
+    import pipeline
+
+    p = argparse.ArgumentParser(prog="omp", description="Open Model Pipeline: raw data to a recreatable model "
+                                "release. Results go to stdout, status messages to stderr.")
+    p.add_argument("--version", action="version", version=f"omp {pipeline.__version__}",
+                   help="print the version and exit")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -183,32 +190,36 @@ def build_parser() -> argparse.ArgumentParser:
     stage("evaluate", cmd_evaluate, "lm-eval on every model variant, leaderboard (artifacts/evaluate/)")
 
     sp = sub.add_parser("leaderboard", help="variants x tasks table from evaluate results, across experiments")
-    sp.add_argument("--evaluate-dir", default="artifacts/evaluate")
+    sp.add_argument("--evaluate-dir", default="artifacts/evaluate",
+                    help="evaluate output whose results/*.json are tabled (default artifacts/evaluate)")
     sp.add_argument("--dirs", nargs="+", metavar="[LABEL:]DIR", help="several evaluate output dirs side by side")
-    sp.add_argument("--experiments", action="store_true", help="gather every DVC experiment's evaluate metrics")
-    sp.add_argument("--baseline", help="variant the deltas are taken against (default pretrain, "
-                                       "with --experiments HEAD/pretrain)")
+    sp.add_argument("--experiments", action="store_true",
+                    help="gather the workspace's, HEAD's and every DVC experiment's evaluate metrics")
+    sp.add_argument("--baseline", help="variant the deltas are taken against (default pretrain; "
+                                       "with --experiments workspace/pretrain, else HEAD/pretrain)")
     sp.add_argument("--out", help="also write leaderboard.md/.html/.png into this directory")
     sp.set_defaults(fn=cmd_leaderboard)
 
     sp = sub.add_parser("batch", help="print global batch N of training from the published files")
-    sp.add_argument("--step", type=int, required=True)
+    sp.add_argument("--step", type=int, required=True, help="training step (0-based) whose global batch to print")
     sp.add_argument("--json", action="store_true", help='print {"step": N, "input_ids": [[...], ...]}')
     sp.add_argument("--decode", action="store_true", help="also decode each sequence to text")
-    sp.add_argument("--blend-dir", default="artifacts/blend")
-    sp.add_argument("--tokenize-dir", default="artifacts/tokenize")
-    sp.add_argument("--tokenizer-dir", default="artifacts/tokenizer")
+    sp.add_argument("--blend-dir", default="artifacts/blend", help="published order (default artifacts/blend)")
+    sp.add_argument("--tokenize-dir", default="artifacts/tokenize", help="token files (default artifacts/tokenize)")
+    sp.add_argument("--tokenizer-dir", default="artifacts/tokenizer",
+                    help="tokenizer used by --decode (default artifacts/tokenizer)")
     sp.set_defaults(fn=cmd_batch)
 
     stage("release", cmd_release, "assemble the Hugging Face release (artifacts/release/<name>/)")
     sp = sub.add_parser("publish", help="upload a release to the Hugging Face Hub (dry run without token/network)")
-    sp.add_argument("release_dir", type=Path)
+    sp.add_argument("release_dir", type=Path, help="a release made by `omp release` (artifacts/release/<name>)")
     sp.add_argument("--repo-id", default=None, help="org/name (default: release.repo_id of the recipe)")
-    sp.add_argument("--private", action="store_true")
+    sp.add_argument("--private", action="store_true", help="create the hub repository as private")
     sp.set_defaults(fn=cmd_publish)
     sp = sub.add_parser("recreate", help="rebuild a release's chain from its lineage and compare every tensor")
     sp.add_argument("target", type=Path, help="release directory or its lineage.json")
-    sp.add_argument("--until", choices=["pretrain", "posttrain", "quantize"], default=None)
+    sp.add_argument("--until", choices=["pretrain", "posttrain", "quantize"], default=None,
+                    help="last stage to rebuild and compare (default: the released variant's stage)")
     sp.add_argument("--workdir", type=Path, default=None, help="where to rebuild (default: a new temp dir)")
     sp.add_argument("--tolerance", type=float, default=0.0, help="max abs diff accepted (0: bitwise)")
     sp.add_argument("--allow-outside", action="store_true",
@@ -216,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_recreate)
 
     sp = sub.add_parser("blend-report", help="print the mixture table (target vs realized, epochs)")
-    sp.add_argument("--blend-dir", default="artifacts/blend")
+    sp.add_argument("--blend-dir", default="artifacts/blend", help="blend output with blend.json (default artifacts/blend)")
     sp.set_defaults(fn=cmd_blend_report)
     return p
 

@@ -405,6 +405,8 @@ class ReleaseCfg(Strict):
     include_gguf: StrictBool = True         # GGUF files under gguf/
     license: str = "apache-2.0"
     repo_id: str | None = None        # default hub repo for `omp publish`
+    base_model: str | None = None     # hub id of the published base model (model card `base_model`)
+    language: list[str] = ["en"]      # model card `language` (ISO 639-1 codes of the training text)
     tags: list[str] = []
 
 

@@ -34,6 +34,7 @@ from pipeline.executor import make_executor
 from pipeline.io import (atomic_dir, atomic_write_bytes, atomic_write_text, canonical_json, read_json,
                          sha256_bytes, sha256_file, write_json)
 from pipeline.lineage import provenance
+from pipeline.log import status
 from pipeline.verify import seal
 from pipeline.sources import iter_documents
 from pipeline.sources.filters import filter_unit, finish
@@ -41,6 +42,21 @@ from pipeline.sources.hf import hf_shards, shard_documents
 
 OUT = Path("artifacts/ingest")
 SHARD_DOCS = 5000
+
+
+STDLIB_SOURCES = {"python-docs", "python-code"}   # builtin sources read from the running interpreter
+
+
+def _minor(version: str) -> str:
+    return ".".join(str(version).split(".")[:2])
+
+
+def stdlib_patch_drift(src, locked: dict) -> bool:
+    """A stdlib source locked under another patch release of the same Python minor (3.11.7 vs 3.11.9):
+    its text differs a little, and that is not a reason to stop; any other change is."""
+    made, here = str(locked.get("python", "")), platform.python_version()
+    return (getattr(src, "kind", None) == "builtin" and getattr(src, "builtin", None) in STDLIB_SOURCES
+            and made != here and _minor(made) == _minor(here))
 
 
 def lock_path(manifest_path: str | Path) -> Path:
@@ -138,7 +154,7 @@ def ingest_units(sources, manifest_path: str, work: Path, executor, unit_docs: i
             else:
                 pending.append((src, i, len(jobs), fp, kind, payload))
         if resumed:
-            print(f"ingest: {src.name}: resumed {resumed} of {len(jobs)} units from {work}")
+            status(f"ingest: {src.name}: resumed {resumed} of {len(jobs)} units from {work}")
     args = ((p[0].filters, p[4], p[5], getattr(p[0], "text_field", "text")) for p in pending)
     results = executor.map(ingest_unit, args)
     for src, i, n, fp, _kind, _payload in tqdm(pending, desc=f"ingest ({executor.name})", unit="unit"):
@@ -187,6 +203,16 @@ def run(recipe: Recipe, update_lock: bool = False, out_dir: Path = OUT,
                 }
                 locked = lock.get(src.name)
                 if recipe.data.lock and not update_lock and locked and locked["sha256"] != content:
+                    if stdlib_patch_drift(src, locked):
+                        # keyed to the Python minor: another 3.11.x ships a slightly different stdlib
+                        report["sources"][src.name]["lock"] = {
+                            "status": "differs: stdlib of another Python patch release",
+                            "locked_python": locked.get("python"), "locked_sha256": locked["sha256"]}
+                        status(f"warning: {lock_file}: source {src.name!r} is read from this Python's standard "
+                               f"library ({platform.python_version()}), the lock from {locked.get('python')}'s: "
+                               f"the content differs ({content[:16]}… vs {locked['sha256'][:16]}…). Going on "
+                               f"(same Python minor); a bitwise recreation of a release needs the Python it records.")
+                        continue
                     raise DataIntegrityError(
                         f"{lock_file}: source {src.name!r} changed: locked sha256 {locked['sha256'][:16]}… "
                         f"(python {locked.get('python', '?')}), ingested {content[:16]}… "
@@ -203,9 +229,9 @@ def run(recipe: Recipe, update_lock: bool = False, out_dir: Path = OUT,
         write_json(lock_file, {"manifest": manifest.name, "sources": {
             n: {"sha256": s["sha256"], "documents": s["documents"], "bytes": s["bytes"], "python": report["python"]}
             for n, s in report["sources"].items()}})
-        print(f"wrote {lock_file}")
+        status(f"wrote {lock_file}")
     elif recipe.data.lock and unlocked:
-        print(f"warning: sources not locked in {lock_file}: {', '.join(unlocked)} "
+        status(f"warning: sources not locked in {lock_file}: {', '.join(unlocked)} "
               "(run `omp ingest --update-lock` to lock them)")
     return report
 

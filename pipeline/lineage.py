@@ -21,14 +21,23 @@ def git_commit(cwd: str | Path = ".") -> dict:
     head = run("rev-parse", "HEAD")
     if head is None or head.returncode != 0:
         return {"commit": None, "dirty": None}
-    status = run("status", "--porcelain", "--untracked-files=no")
-    return {"commit": head.stdout.strip(), "dirty": bool(status and status.stdout.strip())}
+    # dvc.lock is the record DVC writes while the chain runs (lineage embeds its stage hashes), not
+    # code: a commit that only refreshes it, and its rewrite during `dvc repro`, leave the code as it
+    # was. So `commit` is the last commit that changed anything else, and `dirty` ignores it; then
+    # `make repro` on a fresh clone of a commit with a current dvc.lock rewrites that lock unchanged.
+    code = run("log", "-1", "--format=%H", "--", ":/", ":(top,exclude)dvc.lock")
+    status = run("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)dvc.lock")
+    commit = code.stdout.strip() if code is not None and code.returncode == 0 and code.stdout.strip() else \
+        head.stdout.strip()
+    return {"commit": commit, "dirty": bool(status and status.stdout.strip())}
 
 
 def provenance(stage: str, recipe: Recipe, inputs: dict[str, str] | None = None, **extra) -> dict:
     """The resolved recipe section, input hashes and code version of one stage output.
 
-    No timestamps or host names: equal inputs give a byte-identical file.
+    No timestamps, host names or git commit: equal inputs give a byte-identical file, so a commit
+    that does not touch a stage's code leaves its DVC output hash (in dvc.lock) as it was. The
+    commit is recorded once, in the release lineage (chain_lineage).
     """
     sections = {"ingest": ["data"], "tokenizer": ["data", "tokenizer"], "tokenize": ["tokenize"],
                 "blend": ["blend"]}.get(stage, [stage])
@@ -41,7 +50,7 @@ def provenance(stage: str, recipe: Recipe, inputs: dict[str, str] | None = None,
         "config": {k: full[k] for k in sections if k in full},
         "seed": recipe.seed,
         "inputs": dict(sorted((inputs or {}).items())),
-        "code": {"omp_version": pipeline.__version__, **git_commit()},
+        "code": {"omp_version": pipeline.__version__},
         "python": platform.python_version(),
         **extra,
     }
@@ -114,7 +123,8 @@ def chain_lineage(recipe: Recipe, artifacts: Path = Path("artifacts")) -> dict:
         "recipe_file": recipe_path(recipe),
         "recipe_sha256": recipe_sha256(recipe),
         "manifests": manifests,
-        "dvc_lock": dvc_lock_stages(),
+        # every stage but the release itself (its own entry is the hash of a previous release)
+        "dvc_lock": {k: v for k, v in dvc_lock_stages().items() if k != "release"},
         "data": {"indices_sha256": blend["indices_sha256"], "blend_json_sha256": sha256_file(artifacts / "blend" / "blend.json"),
                  "token_files": blend["token_files"], "tokenizer_sha256": blend["tokenizer_sha256"],
                  "seed": blend["seed"], "steps": blend["steps"],

@@ -9,6 +9,7 @@ lives here once: the text of an item, its token n-grams with low-variety runs le
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -63,17 +64,28 @@ def item_text(row: dict) -> str:
     return f"Q: {row['question']}\nA: {row['answer']}"
 
 
+class _TaskLoader(yaml.SafeLoader):
+    """Safe YAML loading that keeps lm-eval's `!function module.name` tags as plain strings."""
+
+
+_TaskLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
 def task_files(tasks_dir: Path) -> dict[str, Path]:
-    """task name -> the local jsonl it reads (tasks with `dataset_kwargs.data_files.test`)."""
+    """task name -> the local jsonl it reads (tasks with `dataset_kwargs.data_files.test`).
+
+    A relative data file is relative to the task YAML's folder (evals/tasks/omp_data.py loads it so
+    for lm-eval); the result is normalised, e.g. `evals/tasks/../data/x.jsonl` -> `evals/data/x.jsonl`.
+    """
     out = {}
     for y in sorted(tasks_dir.glob("*.yaml")):
         try:
-            cfg = yaml.safe_load(y.read_text(encoding="utf-8"))
+            cfg = yaml.load(y.read_text(encoding="utf-8"), Loader=_TaskLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError:
             continue
         files = ((cfg or {}).get("dataset_kwargs") or {}).get("data_files") or {}
         if isinstance(files, dict) and "test" in files and "task" in cfg:
-            out[cfg["task"]] = Path(files["test"])
+            out[cfg["task"]] = Path(os.path.normpath(y.parent / files["test"]))
     return out
 
 

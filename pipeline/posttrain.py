@@ -428,6 +428,7 @@ def run(recipe: Recipe, pretrain_dir: Path = PRETRAIN_DIR, ingest_dir: Path = IN
     metrics["arith_em_after"] = arithmetic_em(model, tok, problems, chat_format=True)
 
     inputs = {"pretrain_model": parent, "ingest": sha256_file(ingest_dir / "ingest.json")}
+    chat_ready(model, tok)
     with atomic_dir(out_dir) as tmp:
         final = tmp / "final"
         model.save_pretrained(str(final), safe_serialization=True)
@@ -440,6 +441,19 @@ def run(recipe: Recipe, pretrain_dir: Path = PRETRAIN_DIR, ingest_dir: Path = IN
         seal(tmp, provenance("posttrain", recipe, inputs,
                                                        model_sha256=sha256_file(final / "model.safetensors")))
     return metrics
+
+
+def chat_ready(model, tok) -> None:
+    """A chat model people can use as is: generation stops at the end of the assistant turn
+    (<|im_end|>, and <|endoftext|> still), and the tokenizer's limit is the model's positions."""
+    from pipeline.tokenizer import IM_END
+
+    im_end = tok.convert_tokens_to_ids(IM_END)
+    if im_end is None or im_end == tok.unk_token_id:
+        raise CheckpointError(f"tokenizer has no {IM_END} token: the chat template cannot end a turn")
+    model.generation_config.eos_token_id = [im_end] + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+    model.generation_config.pad_token_id = tok.pad_token_id
+    tok.model_max_length = model.config.max_position_embeddings
 
 
 def _maybe_json(path: Path):

@@ -25,6 +25,7 @@ from pipeline.config import Recipe, recipe_dict, recipe_path
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_json, sha256_file, write_json
 from pipeline.lineage import chain_lineage, provenance
+from pipeline.log import status
 from pipeline.verify import check_name, check_relpath, outputs_of, seal, verify_file, verify_stage
 
 OUT = Path("artifacts/release")
@@ -42,14 +43,16 @@ def copy_model_dir(src: Path, dst: Path) -> None:
 
 def make_compatible(d: Path) -> None:
     """Fields transformers 4.x needs beside the ones transformers 5.x writes."""
-    tc = d / "tokenizer_config.json"
+    tc, cj = d / "tokenizer_config.json", d / "config.json"
     if tc.is_file():
         cfg = read_json(tc)
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        positions = read_json(cj).get("max_position_embeddings") if cj.is_file() else None
+        if positions:  # not the tokenizers default of 1e30 / 1e6: the model sees this many tokens
+            cfg["model_max_length"] = positions
         if "chat_template" not in cfg and (d / "chat_template.jinja").is_file():
             cfg["chat_template"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
         write_json(tc, cfg)
-    cj = d / "config.json"
     if cj.is_file():
         cfg = read_json(cj)
         rope = cfg.get("rope_parameters") or {}
@@ -68,6 +71,10 @@ def _variant_dir(variant: str) -> Path:
     return d
 
 
+NOT_METRICS = {"alias", "sample_len"}   # lm-eval bookkeeping, not scores
+CHAT_TASK = "omp_arith_gen_chat"       # the task post-training is for: the release must beat its base there
+
+
 def _eval_rows(variant: str) -> tuple[list[dict], str | None]:
     """(task, metric, value) rows of the released variant's lm-eval results, and the leaderboard text."""
     res_dir = ART / "evaluate" / "results"
@@ -77,28 +84,87 @@ def _eval_rows(variant: str) -> tuple[list[dict], str | None]:
     if f.is_file():
         for task, metrics in sorted(read_json(f).get("results", {}).items()):
             for key, value in sorted(metrics.items()):
-                if not isinstance(value, (int, float)) or "_stderr" in key or key == "alias":
+                name = key.split(",")[0]
+                if not isinstance(value, (int, float)) or "_stderr" in key or name in NOT_METRICS:
                     continue
-                rows.append({"task": task, "metric": key.split(",")[0], "value": float(value)})
+                rows.append({"task": task, "metric": name, "value": float(value)})
     return rows, (board.read_text(encoding="utf-8") if board.is_file() else None)
+
+
+def versus_base(variant: str, base: str = "pretrain") -> list[dict]:
+    """Per task both were scored on: the released variant against its base, with stderr and n, and
+    whether it is better / worse beyond noise (the leaderboard's rule) or within it."""
+    from pipeline import leaderboard as lb
+
+    res_dir = ART / "evaluate" / "results"
+    files = {v: res_dir / f"{v}.json" for v in (base, variant)}
+    if variant == base or not all(f.is_file() for f in files.values()):
+        return []
+    tasks, cells = lb.table({v: read_json(f) for v, f in files.items()})
+    out = []
+    for t in tasks:
+        if t not in cells[base] or t not in cells[variant]:
+            continue
+        b, r = cells[base][t], cells[variant][t]
+        delta = r.value - b.value
+        better = delta < 0 if r.metric in lb.LOWER_IS_BETTER else delta > 0
+        verdict = ("better" if better else "worse") if lb.significant(variant, t, cells, base) else \
+            ("within noise" if delta else "equal")
+        out.append({"task": t, "metric": r.metric, "base": b.value, "base_stderr": b.stderr,
+                    "released": r.value, "released_stderr": r.stderr, "n": r.n, "delta": delta,
+                    "verdict": verdict, "lost": not better and delta != 0})
+    return out
+
+
+def _pm(v: float, se: float | None) -> str:
+    return f"{v:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+
+def comparison_lines(rows: list[dict], variant: str) -> list[str]:
+    lines = [f"| task (metric) | n | base | {variant} | Δ | |", "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} ({r['metric']}) | {r['n'] if r['n'] is not None else '?'} | "
+                     f"{_pm(r['base'], r['base_stderr'])} | {_pm(r['released'], r['released_stderr'])} | "
+                     f"{r['delta']:+.3f} | {r['verdict']} |")
+    return lines
+
+
+def warnings_vs_base(rows: list[dict], variant: str) -> list[str]:
+    """What a user must hear: the released variant does not beat its base on the chat task (the
+    task post-training is for), or is worse than it beyond noise on any task."""
+    out = []
+    for r in rows:
+        if r["task"] == CHAT_TASK and r["verdict"] != "better":
+            out.append(f"the released variant `{variant}` does not beat its base on {r['task']} "
+                       f"({r['released']:.3f} vs {r['base']:.3f}, n={r['n']}, {r['verdict']}): "
+                       "post-training did not pay off")
+        elif r["verdict"] == "worse":
+            out.append(f"`{variant}` is worse than its base on {r['task']} beyond noise "
+                       f"({r['metric']} {r['released']:.4f} vs {r['base']:.4f}, n={r['n']})")
+    return out
 
 
 def model_card(recipe: Recipe, lineage: dict, name: str) -> str:
     cfg = recipe.release
     blend = read_json(ART / "blend" / "blend.json")
     manifest = yaml.safe_load(Path(recipe.data.manifest).read_text())
-    datasets = [s["repo_id"] for s in manifest["sources"] if s.get("kind") == "hf"]
+    # hub ids of hub sources; offline sources by their manifest name (they have no hub page)
+    datasets = [s["repo_id"] if s.get("kind") == "hf" else s["name"] for s in manifest["sources"]]
     evals, board = _eval_rows(cfg.variant)
+    vs_base = versus_base(cfg.variant) if cfg.variant != "pretrain" else []
     front = {
         "license": cfg.license,
+        "language": list(cfg.language),
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
+        "datasets": datasets,
         "tags": ["open-model-pipeline", "llama", f"recipe-{recipe.name}",
                  f"pretrain-{recipe.pretrain.distributed.mode}", *cfg.tags],
     }
-    if datasets:
-        front["datasets"] = datasets
-    # no `base_model`: the Hub takes a repo id there, and the base weights ship inside this repo (base/)
+    # the base weights ship inside this repo (base/); `base_model` (a hub id) when they are published too
+    if cfg.base_model:
+        front["base_model"] = cfg.base_model
+        front["base_model_relation"] = "finetune"
     if evals:
         front["model-index"] = [{"name": name, "results": [
             {"task": {"type": "text-generation"}, "dataset": {"name": r["task"], "type": r["task"]},
@@ -112,8 +178,15 @@ def model_card(recipe: Recipe, lineage: dict, name: str) -> str:
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {name}", "",
              f"A {recipe.pretrain.model.layers}-layer Llama-architecture model trained end to end by "
-             f"[Open Model Pipeline](https://github.com/) from recipe `{recipe.name}`. The released weights are the "
-             f"**{cfg.variant}** model; every artifact of the chain can be recreated from `lineage.json`.", "",
+             f"Open Model Pipeline (`omp` {lineage['code'].get('omp_version')}) from recipe `{recipe.name}`. "
+             f"The released weights are the **{cfg.variant}** model"
+             + (" (a ChatML chat model: generation stops at `<|im_end|>`); the pretrained base is in `base/`"
+                if cfg.variant == "posttrain" else "")
+             + "; every artifact of the chain can be recreated from `lineage.json`.", "",
+             "```python", "from transformers import pipeline", "",
+             "chat = pipeline(\"text-generation\", model=\"path/to/this/folder\")",
+             "print(chat([{\"role\": \"user\", \"content\": \"What is 12 + 30?\"}], max_new_tokens=8)"
+             "[0][\"generated_text\"][-1][\"content\"])", "```", "",
              "## Training data", "",
              "| source | license | target share | realized share | tokens | epochs |", "|---|---|---:|---:|---:|---:|"]
     lic = {s["name"]: s.get("license", "") for s in manifest["sources"]}
@@ -129,16 +202,26 @@ def model_card(recipe: Recipe, lineage: dict, name: str) -> str:
         lines.append(f"- DiLoCo: H={d.inner_steps} inner steps, outer lr {d.outer_lr}, momentum {d.outer_momentum}, "
                      f"compression {d.compression.kind}")
     if pm:
-        for k in ("bytes_sent_per_worker", "tokens", "tokens_per_s", "val_loss_initial", "val_loss_final"):
+        # no wall-clock figures (tokens/s): two recreations give a byte-identical card
+        for k in ("bytes_sent_per_worker", "tokens", "val_loss_initial", "val_loss_final"):
             if pm.get(k) is not None:
                 v = pm[k]
                 lines.append(f"- {k}: {v:,.4g}" if isinstance(v, float) else f"- {k}: {v:,}")
     if post.is_file():
         m = read_json(post)
-        lines.append(f"- post-training: arithmetic exact match {m.get('arith_em_before')} → {m.get('arith_em_after')}")
+        n = m.get("arith_eval_problems")
+        lines.append(f"- post-training (SFT{' + DPO' if m.get('dpo_steps') else ''}): held-out arithmetic exact "
+                     f"match, greedy, n={n}: base {m.get('arith_em_before')} (its Q:/A: format), "
+                     f"{m.get('arith_em_before_chat')} (chat format) → {m.get('arith_em_after')} (chat format)")
     lines += ["", "<details><summary>recipe (resolved)</summary>", "", "```yaml",
               yaml.safe_dump(recipe_dict(recipe), sort_keys=False).strip(), "```", "</details>", "",
               "## Evaluation", ""]
+    if vs_base:
+        lines += [f"### {cfg.variant} against its base (pretrain)", "",
+                  "Same items, lm-eval; value ± standard error. A difference counts only beyond 1.96 standard "
+                  "errors of the difference.", "", *comparison_lines(vs_base, cfg.variant), ""]
+        for w in warnings_vs_base(vs_base, cfg.variant):
+            lines += [f"> **Warning:** {w}.", ""]
     if board:
         lines.append(board.strip())
     elif evals:
@@ -156,10 +239,15 @@ def model_card(recipe: Recipe, lineage: dict, name: str) -> str:
                          f"{v.get('ppl', float('nan')):.4f} | {v.get('ppl_delta_pct', float('nan')):+.2f} |")
     else:
         lines.append("No quantized variants in this release.")
-    lines += ["", "## How to recreate this model", "", "```",
-              "pip install open-model-pipeline   # or: git clone <this pipeline> && make setup",
-              f"git checkout {lineage['code'].get('commit') or '<commit in lineage.json>'}",
-              "omp recreate ./   # reruns the chain from lineage.json; compares every tensor", "```", "",
+    commit = lineage["code"].get("commit")
+    lines += ["", "## How to recreate this model", "",
+              "With the Open Model Pipeline source"
+              + (f" at commit `{commit}`" if commit else " at the commit named by `code.commit` in lineage.json")
+              + " and Python 3.11:", "", "```",
+              *([f"git checkout {commit}"] if commit else []),
+              "make setup        # .venv: torch 2.13.0 (CPU), then the pipeline and its pinned dependencies",
+              ".venv/bin/omp recreate path/to/this/folder   # reruns the chain from lineage.json; compares every tensor",
+              "```", "",
               "`lineage.json` holds the git commit, the resolved recipe, the data manifests and their lock "
               "hashes, the dvc.lock stage hashes, the indices sha256 and the sha256 and parent of every checkpoint.", ""]
     return "\n".join(lines)
@@ -179,6 +267,8 @@ def run(recipe: Recipe, out_dir: Path = OUT) -> Path:
     verify_inputs(recipe)
     lineage = chain_lineage(recipe, ART)
     lineage["released_variant"] = cfg.variant
+    for w in warnings_vs_base(versus_base(cfg.variant), cfg.variant) if cfg.variant != "pretrain" else []:
+        status(f"release: warning: {w}")
     with atomic_dir(out_dir) as tmp:
         rel = tmp / name
         copy_model_dir(top, rel)
@@ -212,5 +302,5 @@ def run(recipe: Recipe, out_dir: Path = OUT) -> Path:
         write_json(rel / "lineage.json", lineage)
         seal(tmp, provenance("release", recipe, {"model": lineage["model_sha256"],
                                                                           "indices": lineage["data"]["indices_sha256"]}))
-    print(f"release written to {out_dir / name}")
+    status(f"release written to {out_dir / name}")
     return out_dir / name

@@ -182,7 +182,8 @@ def decontamination_set(recipe: Recipe, tok) -> tuple[np.ndarray | None, dict]:
                           "train without decontamination)")
     # the task YAMLs choose the data files, so both are inputs of the banned set
     files = sorted({str(p) for p in task_files(tasks_dir).values() if p.is_file()}
-                   | {str(y) for y in tasks_dir.glob("*.yaml")})
+                   | {str(y) for y in tasks_dir.glob("*.yaml")}
+                   | {str(m) for m in tasks_dir.glob("*.py")})   # e.g. omp_data.py, the tasks' data loader
     banned = eval_ngrams(tok, tasks_dir, cfg.decontaminate_ngram)
     return banned, {"enabled": True, "tasks_dir": str(tasks_dir), "ngram": cfg.decontaminate_ngram,
                     "eval_ngrams": int(len(banned)), "files": {f: sha256_file(Path(f)) for f in files}}

@@ -120,6 +120,27 @@ def test_locked_source_that_changes_is_refused(micro_data, copy_workdir):
     assert sha256_tree(wd / "artifacts/ingest") == before  # the old ingest output is intact
 
 
+def test_data_lock_is_keyed_to_the_python_minor(micro_data, copy_workdir):
+    """A lock made on another 3.11.x: the stdlib sources differ a little and ingest goes on (saying so);
+    any other source that changed is still refused."""
+    import platform
+
+    wd = copy_workdir(micro_data)
+    lock = wd / "tests/recipes/micro_manifest.lock.json"
+    data = json.loads(lock.read_text())
+    other_patch = ".".join(platform.python_version().split(".")[:2]) + ".99"
+    data["sources"]["python-code"].update(sha256="0" * 64, python=other_patch)
+    lock.write_text(json.dumps(data))
+    proc = omp("ingest", "--recipe", MICRO, cwd=wd)
+    assert "warning" in proc.stderr and "'python-code'" in proc.stderr and other_patch in proc.stderr
+    entry = json.loads((wd / "artifacts/ingest/ingest.json").read_text())["sources"]["python-code"]
+    assert entry["lock"]["locked_python"] == other_patch and entry["lock"]["locked_sha256"] == "0" * 64
+    data["sources"]["arithmetic"].update(sha256="0" * 64, python=other_patch)  # not read from the stdlib
+    lock.write_text(json.dumps(data))
+    proc = omp("ingest", "--recipe", MICRO, cwd=wd, check=False)
+    assert proc.returncode == 2 and "'arithmetic' changed" in proc.stderr
+
+
 def test_failing_source_leaves_previous_output_intact(micro_data, copy_workdir):
     wd = copy_workdir(micro_data)
     (wd / "notes.jsonl").write_text('{"text": "a fine document of some length"}\n{"body": "no text field"}\n')

@@ -18,7 +18,7 @@ HELDOUT_ITEMS = {"omp_ppl_python_docs": 17, "omp_ppl_python_code": 40, "omp_ppl_
 def contamination_in(work: Path, monkeypatch) -> dict:
     from pipeline.evaluate import contamination
 
-    monkeypatch.chdir(work)  # task YAMLs name their data files relative to the workdir
+    monkeypatch.chdir(work)  # the report reads artifacts/ and evals/ of the workdir
     return contamination.report(Path("artifacts"), Path("evals/data"), 13, tasks_dir=Path("evals/tasks"))
 
 

@@ -59,10 +59,16 @@ def test_evaluate_writes_lm_eval_results_for_every_variant(evaluated):
     for key in ("results", "versions", "configs", "n-samples", "lm_eval_version", "higher_is_better"):
         assert key in res, key
     assert res["omp"]["model_sha256"] == model_sha256(work / "artifacts/pretrain/final")["model_sha256"]
+    # the base runs the chat task too (its tokenizer has the template): post-training is judged against it
     assert set(res["results"]) == {"omp_ppl_python_docs", "omp_ppl_python_code", "omp_ppl_arithmetic",
-                                   "omp_arith_mc", "omp_code_mc", "omp_arith_gen", "omp_arith_gen_chat"} - {
-                                       "omp_arith_gen_chat"}  # chat tasks only on post-trained variants
+                                   "omp_arith_mc", "omp_code_mc", "omp_arith_gen", "omp_arith_gen_chat"}
     assert res["n-samples"]["omp_arith_mc"]["effective"] == 24  # micro: evaluate.limit
+    # every primary metric has a standard error: lm-eval's closed form for acc, ours for bits_per_byte
+    r = res["results"]
+    acc, se = r["omp_arith_mc"]["acc,none"], r["omp_arith_mc"]["acc_stderr,none"]
+    assert abs(se - (acc * (1 - acc) / 23) ** 0.5) < 1e-9  # sample stddev / sqrt(n), n = 24
+    bpb_se = r["omp_ppl_python_code"]["bits_per_byte_stderr,none"]
+    assert isinstance(bpb_se, float) and 0 < bpb_se < r["omp_ppl_python_code"]["bits_per_byte,none"]
     for name in ("leaderboard.md", "leaderboard.html", "leaderboard.png", "arena.json", "contamination.json",
                  "metrics.json", "provenance.json"):
         assert (out / name).stat().st_size > 0, name
@@ -166,7 +172,8 @@ def test_discover_variants_reads_quantize_report(tmp_path):
     for stage in ("pretrain", "posttrain", "quantize"):  # recorded as the stages record their outputs
         seal(tmp_path / stage, {"stage": stage})
     got = [(v.name, v.format, v.chat) for v in discover_variants(tmp_path)]
-    assert got == [("pretrain", "hf", False), ("posttrain", "hf", True), ("quant-int8-rtn", "hf", True),
+    # the base runs the chat task too: post-training is judged against it on the same prompts
+    assert got == [("pretrain", "hf", True), ("posttrain", "hf", True), ("quant-int8-rtn", "hf", True),
                    ("quant-Q8_0", "gguf", True)]
 
 
@@ -182,3 +189,17 @@ def test_eval_data_regenerates_byte_identically(tmp_path):
     assert total < 400_000
     rows = [json.loads(x) for x in (REPO / "evals/data/arithmetic.jsonl").read_text().splitlines()]
     assert len(rows) == 200 and all(r["choices"][r["label"]] == r["answer"] for r in rows)
+
+
+def test_bits_per_byte_stderr_is_the_ratio_estimator_stderr():
+    import math
+
+    from pipeline.evaluate import ratio_stderr
+
+    # equal byte counts: the ratio is a plain mean of per-item bits per byte, so its stderr is the mean's
+    pairs = [(-10.0, 8), (-14.0, 8), (-9.0, 8), (-20.0, 8)]
+    x = [-ll / math.log(2) / b for ll, b in pairs]
+    mu = sum(x) / 4
+    expect = math.sqrt(sum((v - mu) ** 2 for v in x) / 3) / 2
+    assert abs(ratio_stderr(pairs) - expect) < 1e-12
+    assert ratio_stderr(pairs[:1]) is None

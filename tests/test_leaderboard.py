@@ -17,29 +17,55 @@ sys.path.insert(0, str(REPO / "evals"))
 import screenshot_leaderboard as shot  # noqa: E402
 
 
-def lm_eval_result(bpb: float, acc: float) -> dict:
+def lm_eval_result(bpb: float, acc: float, bpb_se="N/A") -> dict:
     """The parts of lm-eval's results JSON the leaderboard reads (its real key layout)."""
     return {"results": {"omp_ppl_python_docs": {"alias": "omp_ppl_python_docs", "bits_per_byte,none": bpb,
-                                                "bits_per_byte_stderr,none": "N/A", "byte_perplexity,none": 2 ** bpb},
-                        "omp_arith_mc": {"alias": "omp_arith_mc", "acc,none": acc, "acc_stderr,none": 0.01}},
+                                                "bits_per_byte_stderr,none": bpb_se, "byte_perplexity,none": 2 ** bpb,
+                                                "byte_perplexity_stderr,none": "N/A"},
+                        "omp_arith_mc": {"alias": "omp_arith_mc", "acc,none": acc, "acc_stderr,none": 0.01,
+                                         "sample_len,none": 200}},
+            "n-samples": {"omp_ppl_python_docs": {"original": 17, "effective": 17},
+                          "omp_arith_mc": {"original": 200, "effective": 200}},
             "versions": {"omp_ppl_python_docs": 1.0, "omp_arith_mc": 1.0}}
 
 
-RESULTS = {"pretrain": lm_eval_result(2.0, 0.30), "posttrain": lm_eval_result(2.1, 0.55),
-           "quant-int4-rtn": lm_eval_result(2.5, 0.40)}
+RESULTS = {"pretrain": lm_eval_result(2.0, 0.30, 0.05), "posttrain": lm_eval_result(2.1, 0.55),
+           "quant-int4-rtn": lm_eval_result(2.5, 0.40, 0.05), "quant-int8-rtn": lm_eval_result(2.05, 0.32, 0.05)}
 
 
-def test_markdown_has_values_and_deltas_against_pretrain():
+def test_markdown_has_values_stderr_n_and_only_significant_arrows():
     md = leaderboard.markdown(RESULTS)
-    row = next(line for line in md.splitlines() if line.startswith("| posttrain |"))
-    # columns sorted by task name: omp_arith_mc then omp_ppl_python_docs; bpb up is worse (▼)
-    assert row == "| posttrain | 0.550 (+0.250 ▲) | 2.1000 (+0.100 ▼) |"
-    assert "| pretrain | 0.300 | 2.0000 |" in md
+    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ")}
+    # columns sorted by task name: omp_arith_mc then omp_ppl_python_docs, each with its n
+    assert rows["variant"].startswith("| variant | omp_arith_mc (acc, n=200) | omp_ppl_python_docs (bits_per_byte, n=17)")
+    assert rows["pretrain"] == "| pretrain | 0.300 ± 0.010 | 2.0000 ± 0.0500 |"
+    # +0.250 is 17.7 standard errors of the difference: marked; the bpb delta has no stderr: unmarked
+    assert rows["posttrain"] == "| posttrain | 0.550 ± 0.010 (+0.250 ▲) | 2.1000 (+0.100) |"
+    # bpb +0.500 > 1.96 * sqrt(2) * 0.05 = 0.139: worse (▼); bpb +0.05 and acc +0.02 are within noise
+    assert rows["quant-int4-rtn"] == "| quant-int4-rtn | 0.400 ± 0.010 (+0.100 ▲) | 2.5000 ± 0.0500 (+0.500 ▼) |"
+    assert rows["quant-int8-rtn"] == "| quant-int8-rtn | 0.320 ± 0.010 (+0.020) | 2.0500 ± 0.0500 (+0.050) |"
 
 
-def test_flat_metrics_keep_numbers_only():
+def test_flat_metrics_keep_numbers_stderr_and_n():
     flat = leaderboard.flat_metrics(RESULTS)
-    assert flat["posttrain"]["omp_ppl_python_docs"] == {"bits_per_byte": 2.1, "byte_perplexity": 2 ** 2.1}
+    assert flat["posttrain"]["omp_ppl_python_docs"] == {"bits_per_byte": 2.1, "byte_perplexity": 2 ** 2.1, "n": 17}
+    assert flat["pretrain"]["omp_arith_mc"] == {"acc": 0.30, "acc_stderr": 0.01, "n": 200}  # no sample_len
+    # read back as --experiments does: the same cells (value, stderr, n)
+    back = {v: {"results": {t: {f"{k},none": x for k, x in m.items()} for t, m in tasks.items()}}
+            for v, tasks in flat.items()}
+    assert leaderboard.table(back) == leaderboard.table(RESULTS)
+
+
+def test_png_leaves_out_all_zero_panels(tmp_path):
+    res = json.loads(json.dumps(RESULTS))
+    for r in res.values():
+        r["results"]["omp_arith_gen"] = {"exact_match,none": 0.0, "exact_match_stderr,none": 0.0}
+    drawn = leaderboard.plot(res, tmp_path / "b.png")
+    assert drawn == ["omp_arith_mc", "omp_ppl_python_docs"]
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(tmp_path / "b.png")
+    assert img.shape[0] >= 400 and img.shape[1] >= 1000  # two panels of ~5 x 4.4 inches at 100 dpi
 
 
 def test_html_table_and_png_are_written(tmp_path):
@@ -47,7 +73,8 @@ def test_html_table_and_png_are_written(tmp_path):
                             rounds=20)
     leaderboard.write(tmp_path, RESULTS, ratings, None)
     page = (tmp_path / "leaderboard.html").read_text()
-    assert page.count("<tr>") == 1 + 3 + 1 + 2  # task header + 3 variants, arena header + 2
+    assert page.count("<tr>") == 1 + 4 + 1 + 2  # task header + 4 variants, arena header + 2
+    assert "n=200" in page and "± 0.010" in page
     assert "class='sortable'" in page and "data-v=\"0.55\"" in page
     assert (tmp_path / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -61,7 +88,8 @@ def test_omp_leaderboard_compares_result_dirs(tmp_path):
             (tmp_path / label / "results" / f"{v}.json").write_text(json.dumps(res))
     proc = omp("leaderboard", "--dirs", f"base:{tmp_path / 'base'}", f"ablation:{tmp_path / 'ablation'}",
                "--baseline", "base/pretrain", "--out", str(tmp_path / "out"), cwd=tmp_path)
-    assert "| ablation/posttrain | 0.750 (+0.450 ▲) |" in proc.stdout
+    assert "| ablation/posttrain | 0.750 ± 0.010 (+0.450 ▲) |" in proc.stdout
+    assert "wrote" in proc.stderr and "wrote" not in proc.stdout  # status on stderr, the table on stdout
     assert (tmp_path / "out/leaderboard.html").is_file()
 
 
@@ -111,7 +139,7 @@ def test_leaderboard_html_renders_and_sorts_in_headless_chromium(tmp_path):
     dom = shot.rendered_dom(html, "sort=tasks:2:desc")
     body = dom.split("<tbody>")[1]
     order = [v for v in RESULTS if f"<td>{v}</td>" in body]
-    assert sorted(order, key=body.index) == ["quant-int4-rtn", "posttrain", "pretrain"]
+    assert sorted(order, key=body.index) == ["quant-int4-rtn", "posttrain", "quant-int8-rtn", "pretrain"]
 
 
 @pytest.mark.e2e
@@ -131,7 +159,8 @@ def test_omp_leaderboard_gathers_dvc_experiments(tmp_path):
     (tmp_path / "make.py").write_text(
         "import json, os, yaml\nacc = yaml.safe_load(open('params.yaml'))['acc']\n"
         "os.makedirs('artifacts/evaluate', exist_ok=True)\n"
-        "json.dump({'pretrain': {'omp_arith_mc': {'acc': acc}}}, open('artifacts/evaluate/metrics.json', 'w'))\n")
+        "json.dump({'pretrain': {'omp_arith_mc': {'acc': acc, 'acc_stderr': 0.02, 'n': 200}}},"
+        " open('artifacts/evaluate/metrics.json', 'w'))\n")
     (tmp_path / "dvc.yaml").write_text(
         f"stages:\n  evaluate:\n    cmd: {sys.executable} make.py\n    deps: [make.py]\n    params: [acc]\n"
         "    outs: [artifacts/evaluate]\nmetrics:\n  - artifacts/evaluate/metrics.json\n")
@@ -139,10 +168,17 @@ def test_omp_leaderboard_gathers_dvc_experiments(tmp_path):
     sh("git", "config", "user.email", "t@example.com")
     sh("git", "config", "user.name", "t")
     sh("dvc", "init", "-q")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "pipeline")
     sh("dvc", "repro", "-q")
+    # right after a repro (what `make repro` leaves): the commit has no evaluate output, the workspace has
+    proc = omp("leaderboard", "--experiments", cwd=tmp_path, env={"PATH": env_path})
+    assert "| workspace/pretrain | 0.500 ± 0.020 |" in proc.stdout and "HEAD/pretrain" not in proc.stdout
+    assert "HEAD: no artifacts/evaluate/metrics.json" in proc.stderr
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "base")
     sh("dvc", "exp", "run", "-q", "-S", "acc=0.7", "-n", "abl1")
-    proc = omp("leaderboard", "--experiments", cwd=tmp_path, env={"PATH": env_path})
-    assert "| HEAD/pretrain | 0.500 |" in proc.stdout
-    assert "| abl1/pretrain | 0.700 (+0.200 ▲) |" in proc.stdout
+    proc = omp("leaderboard", "--experiments", "--baseline", "HEAD/pretrain", cwd=tmp_path, env={"PATH": env_path})
+    assert "| HEAD/pretrain | 0.500 ± 0.020 |" in proc.stdout
+    assert "| abl1/pretrain | 0.700 ± 0.020 (+0.200 ▲) |" in proc.stdout
+    assert "| omp_arith_mc (acc, n=200) |" in proc.stdout

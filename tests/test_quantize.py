@@ -140,6 +140,9 @@ def test_gguf_export_reads_back_within_bounds(micro_pretrained, tmp_path):
         assert int(fields["llama.block_count"].parts[-1][0]) == model.config.num_hidden_layers
         eos = int(fields["tokenizer.ggml.eos_token_id"].parts[-1][0])
         assert eos == model.config.eos_token_id
+        # the end of a chat turn is explicit: llama.cpp stops generating at <|im_end|>
+        eot = int(fields["tokenizer.ggml.eot_token_id"].parts[-1][0])
+        assert bytes(tokens.parts[tokens.data[eot]]).decode() == "<|im_end|>"
         # the dequantized GGUF weights, un-permuted, run in transformers close to the source
         work = _load_model(src)
         load_into(work, path)

@@ -59,11 +59,28 @@ def test_release_layout_and_lineage(released):
     card = (rel / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["license"] == "apache-2.0" and "open-model-pipeline" in front["tags"]
+    assert front["language"] == ["en"] and front["pipeline_tag"] == "text-generation"
+    assert front["datasets"] == ["python-docs", "python-code", "arithmetic"]  # the manifest's sources
+    assert front["base_model"] == "org/micro-base" and front["base_model_relation"] == "finetune"
+    # nothing a reader cannot follow: no placeholder link, no package that is not on PyPI
+    assert "https://github.com/)" not in card and "pip install open-model-pipeline" not in card
+    assert "<this pipeline>" not in card
+    commit = lin["code"]["commit"]  # None here: the test's work folder is not a git checkout
+    assert (f"git checkout {commit}" in card) if commit else ("`code.commit` in lineage.json" in card)
     for section in ("## Training data", "## Training procedure", "## Evaluation", "## Quantization",
                     "## How to recreate"):
         assert section in card
-    # transformers 4.x compatible fields beside the 5.x ones
+    # transformers 4.x compatible fields beside the 5.x ones; a real context limit (not 1e6)
     assert read_json(rel / "tokenizer_config.json")["tokenizer_class"] == "PreTrainedTokenizerFast"
+    for d in (rel, rel / "base"):
+        positions = read_json(d / "config.json")["max_position_embeddings"]
+        assert read_json(d / "tokenizer_config.json")["model_max_length"] == positions < 10_000
+    # a chat model stops at the end of its turn: <|im_end|> first, <|endoftext|> kept
+    gen = read_json(rel / "generation_config.json")
+    tok = json.loads((rel / "tokenizer.json").read_text())
+    ids = {a["content"]: a["id"] for a in tok["added_tokens"]}
+    assert gen["eos_token_id"] == [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    assert gen["pad_token_id"] == ids["<|pad|>"]
     assert "chat_template" in read_json(rel / "tokenizer_config.json")
 
 
@@ -80,8 +97,25 @@ def test_release_loads_in_transformers_and_generates(released):
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
+    # with nothing but the release's own generation_config, generation ends at <|im_end|>
+    assert out[0, -1].item() == tok.convert_tokens_to_ids("<|im_end|>") and out.shape[1] - ids["input_ids"].shape[1] < 8
     base = AutoModelForCausalLM.from_pretrained(str(rel / "base"))
     assert sum(p.numel() for p in base.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_transformers_pipeline_chat_stops_at_im_end(released):
+    """What a user runs first: `pipeline("text-generation")` with chat messages, default settings."""
+    from transformers import pipeline
+
+    _, rel, _, _ = released
+    chat = pipeline("text-generation", model=str(rel), device="cpu")
+    out = chat([{"role": "user", "content": "What is 12 + 30?"}], max_new_tokens=40, do_sample=False)
+    reply = out[0]["generated_text"][-1]
+    assert reply["role"] == "assistant"
+    # one short answer, not a turn that runs on to max_new_tokens ("10\n10\n10...")
+    ids = chat.tokenizer(reply["content"], add_special_tokens=False)["input_ids"]
+    assert 0 < len(ids) < 12 and "\n" not in reply["content"].strip() and "<|im" not in reply["content"]
+    assert reply["content"].strip().lstrip("-").isdigit(), reply
 
 
 def test_token_never_leaks(released):
@@ -147,10 +181,42 @@ def test_lm_eval_runs_on_the_release(released, tmp_path):
     p = subprocess.run([str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
                         f"pretrained={rel},dtype=float32", "--tasks", "omp_arith_mc",
                         "--include_path", str(REPO / "evals/tasks"), "--limit", "8", "--device", "cpu",
-                        "--output_path", str(out)], cwd=REPO, env=env, capture_output=True, text=True)
+                        # not from the repo root: the task YAMLs find their data relative to themselves
+                        "--output_path", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     results = [json.loads(f.read_text()) for f in out.rglob("results_*.json")]
     assert results and "omp_arith_mc" in results[0]["results"]
+
+
+def _lm_eval_results(chat_em: float, bpb: float) -> dict:
+    """lm-eval's results layout for the two tasks the comparison reads (n = 200 items)."""
+    se = (chat_em * (1 - chat_em) / 199) ** 0.5
+    return {"results": {"omp_arith_gen_chat": {"exact_match,none": chat_em, "exact_match_stderr,none": se},
+                        "omp_ppl_arithmetic": {"bits_per_byte,none": bpb, "bits_per_byte_stderr,none": 0.02}},
+            "n-samples": {"omp_arith_gen_chat": {"effective": 200}, "omp_ppl_arithmetic": {"effective": 200}}}
+
+
+@pytest.mark.parametrize("post_em,post_bpb,expect", [
+    (0.40, 0.92, []),                                             # better on chat, bpb within noise
+    (0.28, 0.90, ["omp_arith_gen_chat"]),                         # loses on the chat task: warned
+    (0.33, 0.90, ["omp_arith_gen_chat"]),                         # not better beyond noise: warned too
+    (0.40, 2.40, ["omp_ppl_arithmetic"]),                         # worse beyond noise elsewhere: warned
+])
+def test_release_compares_the_released_variant_with_its_base(tmp_path, monkeypatch, post_em, post_bpb, expect):
+    from pipeline import release
+
+    res = tmp_path / "artifacts/evaluate/results"
+    res.mkdir(parents=True)
+    (res / "pretrain.json").write_text(json.dumps(_lm_eval_results(0.30, 0.91)))
+    (res / "posttrain.json").write_text(json.dumps(_lm_eval_results(post_em, post_bpb)))
+    monkeypatch.chdir(tmp_path)
+    rows = release.versus_base("posttrain")
+    by = {r["task"]: r for r in rows}
+    assert by["omp_arith_gen_chat"]["n"] == 200 and by["omp_arith_gen_chat"]["base"] == 0.30
+    warned = release.warnings_vs_base(rows, "posttrain")
+    assert [w.split(" on ")[1].split(" ")[0] for w in warned] == expect
+    table = "\n".join(release.comparison_lines(rows, "posttrain"))
+    assert f"| omp_arith_gen_chat (exact_match) | 200 | 0.300 ± 0.032 | {post_em:.3f} ± " in table
 
 
 # --------------------------------------------------------------------------- tampered releases (issue 17)

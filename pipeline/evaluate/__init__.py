@@ -27,9 +27,14 @@ from pipeline.config import Recipe
 from pipeline.errors import PipelineError, RecipeError
 from pipeline.io import atomic_dir, canonical_json, read_json, sha256_bytes, sha256_tree, write_json
 from pipeline.lineage import provenance
+from pipeline.log import status
 from pipeline.verify import check_relpath, seal, verify_model_dir, verify_stage
 
 OUT = Path("artifacts/evaluate")
+# lm-eval result keys that change from run to run, commit to commit or boot to boot (pretty_env_info
+# holds lscpu's BogoMIPS) without the scores changing
+VOLATILE = ("date", "start_time", "end_time", "total_evaluation_time_seconds", "git_hash", "upper_git_hash",
+            "pretty_env_info")
 ARTIFACTS = Path("artifacts")
 BASELINE = "pretrain"
 
@@ -49,7 +54,9 @@ def discover_variants(artifacts: Path = ARTIFACTS) -> list[Variant]:
         d = artifacts / name / "final"
         if (d / "config.json").is_file():
             verify_model_dir(d)
-            found.append(Variant(name, d, "hf", chat=name == "posttrain"))
+            # the base runs the chat tasks too (its tokenizer has the template): the released chat
+            # model is compared with its base on the same prompts
+            found.append(Variant(name, d, "hf", chat=True))
     qdir = artifacts / "quantize"
     report = qdir / "report.json"
     if qdir.is_dir():
@@ -146,6 +153,33 @@ def item_scores(samples: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+def ratio_stderr(pairs: list[tuple[float, float]]) -> float | None:
+    """Standard error of bits per byte, -sum(ll) / sum(bytes) / ln 2, over items (ll_i, bytes_i):
+    the delta method for a ratio of sums, sqrt(sum((x_i - R y_i)^2) / (n (n-1))) / mean(y)."""
+    import math
+
+    n = len(pairs)
+    if n < 2:
+        return None
+    xs = [-ll / math.log(2) for ll, _ in pairs]
+    ys = [float(b) for _, b in pairs]
+    r = sum(xs) / sum(ys)
+    s2 = sum((x - r * y) ** 2 for x, y in zip(xs, ys)) / (n - 1)
+    return math.sqrt(s2 / n) / (sum(ys) / n)
+
+
+def add_bits_per_byte_stderr(result: dict, samples: dict) -> None:
+    """lm-eval reports no stderr for bits_per_byte ("N/A"): compute it from the per-document samples."""
+    for task, rows in samples.items():
+        tr = (result.get("results") or {}).get(task)
+        if tr is None or "bits_per_byte,none" not in tr:
+            continue
+        pairs = [tuple(r["bits_per_byte"]) for r in rows if isinstance(r.get("bits_per_byte"), (list, tuple))]
+        se = ratio_stderr(pairs)
+        if se is not None:
+            tr["bits_per_byte_stderr,none"] = se
+
+
 def _jsonable(obj):
     from lm_eval.utils import handle_non_serializable
 
@@ -184,8 +218,10 @@ def evaluate_variant(variant: Variant, cfg, tm, std_tm=None, seed: int = 0,
         lm_args = dict(model="gguf", model_args={"base_url": base_url})
     else:
         lm_args = dict(model=load_lm(variant, cfg.batch_size, cfg.device, cfg.precision))
+    # bootstrap_iters > 0 turns on lm-eval's stderr: closed form for mean metrics (acc, exact_match),
+    # no resampling for ours; bits_per_byte gets its stderr from the items below (ratio_stderr)
     common = dict(limit=cfg.limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
-                  torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
+                  torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=100)
     result = simple_evaluate(**lm_args, tasks=tasks, task_manager=tm, **common)
     if variant.chat and cfg.chat_tasks and variant.format == "hf":
         chat = simple_evaluate(**lm_args, tasks=list(cfg.chat_tasks), task_manager=tm,
@@ -203,9 +239,14 @@ def evaluate_variant(variant: Variant, cfg, tm, std_tm=None, seed: int = 0,
                 notes.append(f"{variant.name}: standard tasks skipped: {type(e).__name__}: {str(e)[:200]}")
     samples = result.pop("samples", {})
     result = _jsonable(result)
+    add_bits_per_byte_stderr(result, _jsonable(samples))
+    # wall-clock and commit-specific fields go to artifacts/timings/evaluate.json, outside every DVC
+    # output (DESIGN.md: timings apart): equal inputs give byte-equal results
+    timing = {k: result.pop(k) for k in VOLATILE if k in result}
+    timing["eval_seconds"] = round(time.perf_counter() - start, 1)
     result["omp"] = {"variant": variant.name, "model_path": str(variant.path), "format": variant.format,
-                     **model_sha256(variant.path), "limit": cfg.limit, "notes": notes,
-                     "eval_seconds": round(time.perf_counter() - start, 1)}
+                     **model_sha256(variant.path), "limit": cfg.limit, "notes": notes}
+    result["omp"]["timing"] = timing  # popped by run() into artifacts/timings/evaluate.json
     return result, item_scores(_jsonable(samples)), notes
 
 
@@ -232,7 +273,7 @@ def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dic
     check_tasks(tm, list(cfg.tasks) + list(cfg.chat_tasks), rfile, "evaluate.tasks")
     std_tm, why = None, (offline() if cfg.standard_tasks else None)
     if why:
-        print(f"evaluate: standard tasks {', '.join(cfg.standard_tasks)} skipped: offline ({why}); "
+        status(f"evaluate: standard tasks {', '.join(cfg.standard_tasks)} skipped: offline ({why}); "
               "run with network to include them")
     elif cfg.standard_tasks:
         std_tm = task_manager(include, defaults=True)
@@ -245,7 +286,7 @@ def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dic
 
         gguf_why = usable_python(cfg.gguf_server_python)
     for v in variants:
-        print(f"evaluate: {v.name} ({v.path})")
+        status(f"evaluate: {v.name} ({v.path})")
         if v.format == "gguf" and gguf_why:
             nt = [f"{v.name}: GGUF {v.path} skipped: {gguf_why} (lm-eval's gguf model needs a llama.cpp "
                   "server: point it at a Python with llama-cpp-python[server], or set evaluate.gguf_base_url)"]
@@ -260,10 +301,11 @@ def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dic
             res, sc, nt = evaluate_variant(v, cfg, tm, std_tm, seed=recipe.seed, base_url=cfg.gguf_base_url)
         notes += nt
         for n in nt:
-            print(f"evaluate: {n}")
+            status(f"evaluate: {n}")
         if res:
             results[v.name], scores[v.name] = res, sc
 
+    timings = {name: res["omp"].pop("timing", {}) for name, res in results.items()}
     contam = contamination.report(artifacts, Path("evals/data"), cfg.contamination_ngram)
     ratings = arena.ratings(scores, rounds=cfg.bootstrap_rounds, seed=recipe.seed,
                             baseline=BASELINE if BASELINE in scores else None)
@@ -277,5 +319,8 @@ def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dic
         leaderboard.write(tmp, results, ratings, contam)
         inputs = {f"{v.name}": model_sha256(v.path)["model_sha256"] for v in variants}
         seal(tmp, provenance("evaluate", recipe, inputs, notes=notes))
+    timings_file = Path(out_dir).parent / "timings" / "evaluate.json"   # artifacts/timings/evaluate.json
+    timings_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(timings_file, timings)
     print(leaderboard.markdown(results, ratings, contam))
     return {"results": results, "arena": ratings, "contamination": contam, "notes": notes}

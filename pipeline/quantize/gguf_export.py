@@ -94,6 +94,11 @@ def _add_tokenizer(writer, tokenizer_dir: Path) -> None:
                        ("pad_token", writer.add_pad_token_id)):
         if isinstance(cfg.get(field), str) and cfg[field] in vocab:
             add(vocab[cfg[field]])
+    # the end of a chat turn: llama.cpp stops generation there (it would otherwise guess from the text)
+    from pipeline.tokenizer import IM_END
+
+    if IM_END in vocab:
+        writer.add_eot_token_id(vocab[IM_END])
     writer.add_add_bos_token(False)
     template = cfg.get("chat_template")
     if template is None and (tokenizer_dir / "chat_template.jinja").is_file():
