@@ -192,7 +192,7 @@ def test_hf_ingest_streams_shards_and_resumes_after_a_kill(tmp_path):
     assert not (tmp_path / "artifacts/ingest").exists()
 
     out = omp("ingest", "--recipe", "r.yaml", cwd=tmp_path, env={**HF_ENV, "HF_DATASETS_CACHE": str(tmp_path / "cache")})
-    assert "web: resumed 2 of 4 units" in out.stdout
+    assert "web: resumed 2 of 4 units" in out.stderr  # status lines go to stderr
     rows = [json.loads(line)["text"] for line in
             (tmp_path / "artifacts/ingest/web/shard-00000.jsonl").read_text().splitlines()]
     expected = list(dict.fromkeys(texts))  # every row once, in shard order, exact duplicates dropped
