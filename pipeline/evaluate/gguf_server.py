@@ -47,10 +47,15 @@ def task_output_types(tm, names: list[str]) -> dict[str, str]:
     """lm-eval task name -> its output_type, read from the task YAMLs the task manager indexed."""
     import yaml
 
+    class TaskLoader(yaml.SafeLoader):
+        """lm-eval's YAML tags (`!function module.name`) are read as their text, never run."""
+
+    TaskLoader.add_multi_constructor("!", lambda loader, tag, node: loader.construct_scalar(node)
+                                     if isinstance(node, yaml.ScalarNode) else None)
     out = {}
     for name in names:
         path = getattr(tm.task_index.get(name), "yaml_path", None)
-        cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else {}
+        cfg = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=TaskLoader) if path else {}
         out[name] = (cfg or {}).get("output_type", "generate_until")
     return out
 
