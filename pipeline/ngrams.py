@@ -71,6 +71,11 @@ class _TaskLoader(yaml.SafeLoader):
 _TaskLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
 
 
+def load_task_yaml(path: Path):
+    """One lm-eval task YAML, safely (tags read as text, never run)."""
+    return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_TaskLoader)  # noqa: S506 - a SafeLoader
+
+
 def task_files(tasks_dir: Path) -> dict[str, Path]:
     """task name -> the local jsonl it reads (tasks with `dataset_kwargs.data_files.test`).
 
@@ -80,7 +85,7 @@ def task_files(tasks_dir: Path) -> dict[str, Path]:
     out = {}
     for y in sorted(tasks_dir.glob("*.yaml")):
         try:
-            cfg = yaml.load(y.read_text(encoding="utf-8"), Loader=_TaskLoader)  # noqa: S506 - a SafeLoader
+            cfg = load_task_yaml(y)
         except yaml.YAMLError:
             continue
         files = ((cfg or {}).get("dataset_kwargs") or {}).get("data_files") or {}

@@ -45,17 +45,12 @@ def usable_python(python: str | None) -> str | None:
 
 def task_output_types(tm, names: list[str]) -> dict[str, str]:
     """lm-eval task name -> its output_type, read from the task YAMLs the task manager indexed."""
-    import yaml
+    from pipeline.ngrams import load_task_yaml
 
-    class TaskLoader(yaml.SafeLoader):
-        """lm-eval's YAML tags (`!function module.name`) are read as their text, never run."""
-
-    TaskLoader.add_multi_constructor("!", lambda loader, tag, node: loader.construct_scalar(node)
-                                     if isinstance(node, yaml.ScalarNode) else None)
     out = {}
     for name in names:
         path = getattr(tm.task_index.get(name), "yaml_path", None)
-        cfg = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=TaskLoader) if path else {}
+        cfg = load_task_yaml(path) if path else {}
         out[name] = (cfg or {}).get("output_type", "generate_until")
     return out
 
