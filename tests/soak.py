@@ -89,7 +89,7 @@ def main() -> int:
                 proc = subprocess.Popen([*cmd, f"--junitxml={xml}"], cwd=ROOT)
                 while proc.poll() is None:   # sample the load average while the tests run
                     try:
-                        proc.wait(timeout=30)
+                        proc.wait(timeout=10)
                     except subprocess.TimeoutExpired:
                         loads.append(os.getloadavg()[0])
         finally:
