@@ -49,7 +49,11 @@ def cmd_pretrain(args):
 
     from pipeline.checkpoint import ACCEPT
 
-    m = pretrain.run(_recipe(args), resume=args.resume + (ACCEPT if args.accept_mismatch else ""))
+    m = pretrain.run(_recipe(args), resume=args.resume + (ACCEPT if args.accept_mismatch else ""),
+                     stop_at=args.stop_at)
+    if "stopped_at" in m:
+        print(f"stopped after step {m['stopped_at']} (--stop-at); ladder rungs written: {m.get('rungs')}")
+        return
     print(f"held-out loss {m['val_loss_initial']:.3f} -> {m['val_loss_final']:.3f}; "
           f"{m['tokens']:,} tokens at {m['tokens_per_s'] or 0:,.0f} tokens/s")
 
@@ -184,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--accept-mismatch", action="store_true",
                     help="resume even if the checkpoint was made with another recipe or data order "
                          "(both are recorded in the lineage as resume_mismatch)")
+    sp.add_argument("--stop-at", type=int, default=None, metavar="N",
+                    help="stop after step N with the ladder rungs up to N written, nothing else "
+                         "(what `omp recreate --step N` runs; the schedule stays the whole run's)")
     stage("posttrain", cmd_posttrain, "SFT (+ DPO) from the pretrained model (artifacts/posttrain/)")
     stage("quantize", cmd_quantize, "int8/int4 variants, GGUF files and the perplexity report (artifacts/quantize/)")
 

@@ -327,6 +327,12 @@ class QuantizeCfg(Strict):
 # --- evaluation (pipeline/evaluate/)
 
 
+class EvalLadderCfg(Strict):
+    """Learning curves: every rung of the checkpoint ladder scored on a few tasks (empty: off)."""
+    tasks: list[str] = ["omp_ppl_python_docs", "omp_ppl_python_code", "omp_ppl_arithmetic", "omp_arith_mc"]
+    limit: PosInt | None = 20         # items per task and rung (None: all)
+
+
 class EvaluateCfg(Strict):
     """lm-eval on every model variant of the chain; tasks are lm-eval task or tag names."""
     tasks: list[str] = ["omp_ppl_python_docs", "omp_ppl_python_code", "omp_ppl_arithmetic", "omp_arith_mc",
@@ -345,6 +351,7 @@ class EvaluateCfg(Strict):
     bootstrap_rounds: PosInt = 200    # Bradley-Terry 95% intervals
     device: StageDevice = "auto"      # lm-eval's HFLM device for the HF variants
     precision: StagePrecision = "auto"
+    ladder: EvalLadderCfg = EvalLadderCfg()
 
 
 # --- pretraining (pipeline/pretrain/, pipeline/model.py)
@@ -370,6 +377,19 @@ class ModelCfg(Strict):
         return self
 
 
+class LadderCfg(Strict):
+    """The steps whose weights are published (pipeline/ladder.py), in the style of the open suites
+    (Pythia: step 0, powers of two, then every K steps): `initial` step 0, `powers_of_two` 1, 2, 4, ...,
+    every `every` steps, the listed `steps`, and always the last step. Written as HF-format folders
+    `artifacts/pretrain/ladder/step-NNNNNNN/`, apart from the resume checkpoints `keep_last` prunes."""
+    enabled: StrictBool = True
+    initial: StrictBool = True              # step 0: the seed's initialization
+    powers_of_two: StrictBool = True        # 1, 2, 4, ... below the last step
+    every: PosInt | None = 1000             # every K steps (None: none)
+    steps: list[NonNegInt] = []             # extra steps
+    posttrain: StrictBool = True            # post-training publishes its first and last step too
+
+
 class PretrainCfg(Strict):
     model: ModelCfg = ModelCfg()
     lr: Annotated[Float, Field(gt=0)] = 3e-3
@@ -392,6 +412,7 @@ class PretrainCfg(Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
     threads: PosInt | None = None          # torch threads per worker (None: cores // world_size)
     distributed: DistributedCfg = DistributedCfg()
+    ladder: LadderCfg = LadderCfg()
 
 
 # --- release (pipeline/release.py)

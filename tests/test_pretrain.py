@@ -72,10 +72,14 @@ def test_outputs_metrics_and_loss_falls(reference):
     assert m["steps"] == 80 and m["tokens"] == 80 * 8 * 64
     assert m["val_loss_final"] <= 0.7 * m["val_loss_initial"], m
     assert set(m["val_loss_per_source"]) == {"python-docs", "python-code", "arithmetic"}
-    # steady-state speed: the first step is timed apart, evaluations and checkpoints not at all
-    assert m["tokens_per_s"] > 0 and m["warmup_steps"] == 1 and 0 < m["warmup_seconds"] < m["train_seconds"]
-    speeds = read_json(out / "checkpoints/step-0000080/timings.json")
+    # steady-state speed: the first step is timed apart, evaluations and checkpoints not at all; every
+    # wall-clock figure lives in artifacts/timings/, outside the stage output DVC hashes
+    t = read_json(reference / "artifacts/timings/pretrain.json")
+    assert t["tokens_per_s"] > 0 and m["warmup_steps"] == 1 and 0 < t["warmup_seconds"] < t["train_seconds"]
+    assert not {"tokens_per_s", "train_seconds", "warmup_seconds"} & set(m)
+    speeds = read_json(reference / "artifacts/timings/pretrain/step-0000080.json")
     assert [r["step"] for r in speeds] == list(range(5, 81, 5))   # every log step after the warm-up
+    assert speeds == t["speeds"] and not (out / "checkpoints/step-0000080/timings.json").exists()
     # ddp baseline: one fp32 all-reduce of every gradient per step
     assert m["bytes_sent_per_worker"] == m["params"] * 4 * 80
     # keep_last 3 of checkpoints every 10 steps; each names its parent and the data it read
@@ -90,6 +94,23 @@ def test_outputs_metrics_and_loss_falls(reference):
     assert model.config.vocab_size == len(tok) and model.config.num_hidden_layers == 2
     assert (out / "final/generation_config.json").is_file()
     assert (out / "loss_curve.png").stat().st_size > 1000
+    # the ladder (micro: 0, 8, every 40, last): HF folders kept apart from the pruned checkpoints,
+    # each rung's parent the one before, the first descending from the seed's initialization
+    lad = read_json(out / "ladder/ladder.json")
+    rungs = lad["rungs"]
+    assert [r["step"] for r in rungs] == [0, 8, 40, 80]
+    assert [r["rows_consumed"] for r in rungs] == [0, 64, 320, 640]      # global batch 8: omp batch rows
+    assert [r["tokens_seen"] for r in rungs] == [0, 64 * 64, 320 * 64, 640 * 64]
+    assert rungs[0]["sha256"] == rungs[0]["parent_sha256"] == lad["init_sha256"]
+    assert [r["parent_sha256"] for r in rungs[1:]] == [r["sha256"] for r in rungs[:-1]]
+    assert len({r["sha256"] for r in rungs}) == 4 and rungs[-1]["sha256"] == m["model_sha256"]
+    for r in rungs:
+        d = out / "ladder" / f"step-{r['step']:07d}"
+        assert sha256_file(d / "model.safetensors") == r["sha256"] and (d / "tokenizer.json").is_file()
+    rung8 = AutoModelForCausalLM.from_pretrained(str(out / "ladder/step-0000008"), use_safetensors=True)
+    assert rung8.config.num_hidden_layers == 2
+    prov = read_json(out / "provenance.json")["outputs"]   # sealed like every other output of the stage
+    assert prov["ladder/step-0000040/model.safetensors"] == rungs[2]["sha256"]
     live = read_json(out / "dvclive/metrics.json")
     assert live["step"] == 80 and abs(live["val"]["loss"] - m["val_loss_final"]) < 1e-9
 
@@ -118,8 +139,15 @@ def test_rerun_is_bitwise_identical(reference, tmp_path):
     assert final_sha(work) == final_sha(reference)
     a, b = (read_json(w / "artifacts/pretrain/checkpoints/step-0000070/manifest.json")["files"]
             for w in (work, reference))
-    a.pop("timings.json"), b.pop("timings.json")  # wall-clock tokens/s: the only file that may differ
     assert a == b  # weights, optimizer, RNG and cursor of an intermediate checkpoint too
+    # every output file of the stage (metrics, dvclive, ladder rungs, plot, final), the whole folder
+    # DVC hashes: timings live apart (artifacts/timings/), so a rerun is byte-identical
+    from pipeline.verify import tree_files
+
+    files = tree_files(reference / "artifacts/pretrain")
+    assert [f for f in files if f.startswith("ladder/step-")] and files == tree_files(work / "artifacts/pretrain")
+    assert {f: sha256_file(work / "artifacts/pretrain" / f) for f in files} == \
+        {f: sha256_file(reference / "artifacts/pretrain" / f) for f in files}
 
 
 def test_sigterm_then_resume_is_bitwise_identical(reference, tmp_path, monkeypatch):
@@ -151,6 +179,9 @@ def test_sigterm_then_resume_is_bitwise_identical(reference, tmp_path, monkeypat
     m, ref = read_json(work / "artifacts/pretrain/metrics.json"), read_json(reference / "artifacts/pretrain/metrics.json")
     assert m["val_loss_per_source"] == ref["val_loss_per_source"]
     assert m["bytes_sent_per_worker"] == ref["bytes_sent_per_worker"]
+    # the rungs written before the stop and after the resume are the uninterrupted run's
+    lad = "artifacts/pretrain/ladder/ladder.json"
+    assert read_json(work / lad) == read_json(reference / lad) and len(read_json(work / lad)["rungs"]) == 4
 
 
 def test_kill9_after_checkpoint_then_resume_is_bitwise_identical(reference, tmp_path):

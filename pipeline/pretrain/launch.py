@@ -23,7 +23,7 @@ OUT = Path("artifacts/pretrain")
 EXIT_FILE = ".exit.json"  # rank 0's reason for a non-zero exit, read back by the launcher
 
 
-def run(recipe: Recipe, out_dir: Path = OUT, resume: str = "none", dirs=None) -> dict:
+def run(recipe: Recipe, out_dir: Path = OUT, resume: str = "none", dirs=None, stop_at: int | None = None) -> dict:
     from pipeline.pretrain.trainer import DataDirs
 
     dirs = dirs or DataDirs()
@@ -31,8 +31,8 @@ def run(recipe: Recipe, out_dir: Path = OUT, resume: str = "none", dirs=None) ->
     if d.world_size == 1 and d.engine == "torchrun":
         from pipeline.pretrain.trainer import train
 
-        return train(recipe, Path(out_dir), resume, dirs)
-    return launch_workers(recipe, Path(out_dir), resume, dirs)
+        return train(recipe, Path(out_dir), resume, dirs, stop_at=stop_at)
+    return launch_workers(recipe, Path(out_dir), resume, dirs, stop_at)
 
 
 def worker_threads(recipe: Recipe) -> int:
@@ -41,7 +41,7 @@ def worker_threads(recipe: Recipe) -> int:
     return recipe.pretrain.threads or max(1, cpu_cores() // recipe.pretrain.distributed.world_size)
 
 
-def launch_workers(recipe: Recipe, out_dir: Path, resume: str, dirs) -> dict:
+def launch_workers(recipe: Recipe, out_dir: Path, resume: str, dirs, stop_at: int | None = None) -> dict:
     d = recipe.pretrain.distributed
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / EXIT_FILE).unlink(missing_ok=True)
@@ -50,7 +50,7 @@ def launch_workers(recipe: Recipe, out_dir: Path, resume: str, dirs) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={d.world_size}",
            "-m", "pipeline.pretrain.worker", "--spec", str(spec), "--out", str(out_dir), "--resume", resume,
            "--blend-dir", str(dirs.blend), "--tokenize-dir", str(dirs.tokenize),
-           "--tokenizer-dir", str(dirs.tokenizer)]
+           "--tokenizer-dir", str(dirs.tokenizer), *(["--stop-at", str(stop_at)] if stop_at is not None else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(worker_threads(recipe))}
     if d.engine == "deepspeed":
         import torch
@@ -72,7 +72,11 @@ def launch_workers(recipe: Recipe, out_dir: Path, resume: str, dirs) -> dict:
         reason = out_dir / EXIT_FILE
         msg = read_json(reason)["message"] if reason.is_file() else f"torchrun exited with status {rc}"
         raise PipelineError(msg)
-    return read_json(out_dir / "metrics.json")
+    if stop_at is not None and not (out_dir / "metrics.json").is_file():
+        return {"stopped_at": stop_at}
+    timings = out_dir.parent / "timings" / "pretrain.json"
+    return {**read_json(out_dir / "metrics.json"),
+            **{k: v for k, v in (read_json(timings) if timings.is_file() else {}).items() if k != "speeds"}}
 
 
 def load_spec(path: Path) -> Recipe:

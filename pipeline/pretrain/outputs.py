@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from pipeline.config import Recipe
@@ -15,17 +14,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def write_final(model, out: Path, tokenizer_dir: Path, lineage: dict) -> Path:
     """artifacts/pretrain/final: config.json, model.safetensors, generation_config.json, tokenizer files."""
-    from transformers import GenerationConfig
+    from pipeline.ladder import save_hf
 
     final = out / "final"
     with atomic_dir(final) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        c = model.config
-        GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
-                         pad_token_id=c.pad_token_id).save_pretrained(str(tmp))
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, tmp / name)
+        save_hf(model, tmp, tokenizer_dir)   # as the ladder's rungs: the last rung is byte-identical
         write_json(tmp / "lineage.json", lineage)
     return final
 
@@ -34,17 +27,16 @@ def val_mean(val: dict[str, float]) -> float:
     return sum(val.values()) / len(val)
 
 
-def write_dvclive(out: Path, history: list[dict], speeds: list[dict]) -> None:
+def write_dvclive(out: Path, history: list[dict]) -> None:
+    """dvclive logs of the run: losses, lr, grad norm; no wall-clock figures (those are in
+    artifacts/timings/pretrain.json), so equal runs write equal files."""
     from dvclive import Live
 
     # dvc.yaml declares these files as metrics/plots; dvclive must not write its own dvc.yaml
     live = Live(str(out / "dvclive"), save_dvc_exp=False, dvcyaml=False)
-    speed = {r["step"]: r["tokens_per_s"] for r in speeds}
     for rec in history:
-        if rec["step"] in speed:
-            rec = {**rec, "tokens_per_s": speed[rec["step"]]}
         live.step = rec["step"]
-        for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
+        for k in ("loss", "lr", "grad_norm"):
             if k in rec:
                 live.log_metric(f"train/{k}", rec[k])
         for name, v in rec.get("val", {}).items():
@@ -83,11 +75,15 @@ def plot_loss(out: Path, history: list[dict]) -> Path:
 
 def write(recipe: Recipe, out: Path, model, history: list[dict], metrics: dict, dirs, lineage: dict,
           parent: str | None, speeds: list[dict]) -> dict:
-    """Every output of the run (final/, metrics, history, dvclive/, the plot, provenance) is built in
-    one temporary sibling of `out` and swapped in together (checkpoints/ carried over), so a kill
-    never leaves the new weights beside the old run's metrics or provenance."""
+    """Every output of the run (final/, ladder/, metrics, history, dvclive/, the plot, provenance) is
+    built in one temporary sibling of `out` and swapped in together (checkpoints/ carried over), so a
+    kill never leaves the new weights beside the old run's metrics or provenance."""
+    from pipeline import ladder
+
     with atomic_dir(out, keep=("checkpoints",)) as tmp:
         final = write_final(model, tmp, dirs.tokenizer, {**lineage, "parent_checkpoint": parent})
+        # the rungs written while training (checkpoints/ladder/), sealed as outputs of the stage
+        ladder.link_into(out / "checkpoints" / "ladder", tmp / "ladder")
         vals = [r for r in history if r.get("val")]
         metrics = {**metrics,
                    "val_loss_initial": val_mean(vals[0]["val"]) if vals else None,
@@ -97,7 +93,7 @@ def write(recipe: Recipe, out: Path, model, history: list[dict], metrics: dict, 
                    "train_loss_final": next((r["loss"] for r in reversed(history) if "loss" in r), None),
                    "model_sha256": sha256_file(final / "model.safetensors")}
         write_json(tmp / "history.json", history)
-        write_dvclive(tmp, history, speeds)
+        write_dvclive(tmp, history)
         plot_loss(tmp, history)
         write_json(tmp / "metrics.json", metrics)
         seal(tmp, provenance(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import checkpoint as ckpt
+from pipeline import ladder
 from pipeline.comm import Comm, init_process_group
 from pipeline.config import PretrainCfg, Recipe, recipe_dict, recipe_sha256
 from pipeline.data import PublishedOrder
@@ -202,6 +204,12 @@ def _barrier(ctx: Context) -> None:
         dist.barrier()
 
 
+def timings_path(root: Path, step: int) -> Path:
+    """Wall-clock numbers of a checkpoint: apart from it and from every stage output (DVC hashes
+    artifacts/pretrain whole), in artifacts/timings/pretrain/step-NNNNNNN.json."""
+    return Path(root).parent.parent / "timings" / "pretrain" / f"step-{step:07d}.json"
+
+
 def save_checkpoint(root: Path, step: int, engine, history: list, ctx: Context, lineage: dict,
                     speeds: list | None = None) -> Path | None:
     """Atomically: the engine's files and state, RNG states, byte counters, history, cursor `step`."""
@@ -215,8 +223,8 @@ def save_checkpoint(root: Path, step: int, engine, history: list, ctx: Context, 
              "history": history if ctx.rank == 0 else []}
     torch.save(state, tmp / f"state-rank{ctx.rank}.pt")
     if ctx.rank == 0 and speeds is not None:
-        # wall-clock numbers live apart from the state, so equal runs write bit-identical state files
-        write_json(tmp / "timings.json", speeds)
+        # wall-clock numbers live apart from the checkpoint, so equal runs write bit-identical checkpoints
+        write_json(timings_path(root, step), speeds)
     _barrier(ctx)
     path = None
     if ctx.rank == 0:
@@ -239,7 +247,7 @@ def load_checkpoint(path: Path, engine, ctx: Context) -> tuple[int, list, list]:
         comm.bytes_sent, comm.calls = state["comm"]["bytes_sent"], state["comm"]["calls"]
         comm.by_kind.clear()
         comm.by_kind.update(state["comm"]["by_kind"])
-    timings = path / "timings.json"
+    timings = timings_path(path.parent, state["step"])
     return state["step"], state["history"], (read_json(timings) if timings.is_file() else [])
 
 
@@ -326,8 +334,12 @@ def warmup_steps(cfg: PretrainCfg) -> int:
     return 3 if cfg.compile else 1
 
 
-def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | None = None) -> dict:
-    """Train (or resume) on this worker; rank 0 writes the outputs. Returns the metrics dict."""
+def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | None = None,
+          stop_at: int | None = None) -> dict:
+    """Train (or resume) on this worker; rank 0 writes the outputs. Returns the metrics dict.
+
+    `stop_at` N (`omp recreate --step N`): stop after step N, with the ladder rungs up to N written
+    and nothing else (no final model, no metrics); the schedule is still the whole run's."""
     dirs = dirs or DataDirs()
     cfg = recipe.pretrain
     # -- setup
@@ -345,6 +357,12 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
                           f"{cfg.steps} steps, but the published order has {order.steps} (blend.tokens); "
                           "raise blend.tokens or lower pretrain.steps")
     total = cfg.steps or order.steps
+    rung_steps = ladder.steps(cfg.ladder, total)
+    late = [s for s in cfg.ladder.steps if s > total]
+    if late:
+        raise RecipeError(getattr(recipe, "_path", "<recipe>"), "pretrain.ladder.steps",
+                          f"step(s) {late} beyond the run's last step {total}")
+    stop = total if stop_at is None else min(stop_at, total)
     rows = order.batch_size // ctx.world_size
     if order.batch_size % ctx.world_size or rows % cfg.grad_accum_steps:
         raise RecipeError(getattr(recipe, "_path", "<recipe>"), "pretrain.grad_accum_steps",
@@ -375,6 +393,32 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
     engine.setup()
 
     lineage = {"git": git_commit(), **run_hashes, "world_size": ctx.world_size, **engine.lineage}
+    tokens_per_step = order.batch_size * order.seq_len
+    # -- the ladder: rungs of this run in checkpoints/ladder/ (kept on resume, like the checkpoints)
+    work = root / "ladder"
+    rung_at = set(rung_steps)
+    if ctx.rank == 0:
+        if path is None:
+            shutil.rmtree(work, ignore_errors=True)   # a previous run's rungs: this run starts over
+        else:
+            ladder.drop_after(work, start)
+    _barrier(ctx)
+    if start == 0:
+        init = engine.final_model()   # collective with ZeRO-3
+        if ctx.rank == 0:
+            work.mkdir(parents=True, exist_ok=True)
+            write_json(work / ladder.INIT, {"init_sha256": ladder.weights_sha256(init), "seed": recipe.seed})
+    prev_rung = ladder.read_rungs(work)[-1:] if ctx.rank == 0 else []
+
+    def write_rung(step: int) -> None:
+        model_now = engine.final_model()   # every rank: collective with ZeRO-3
+        if ctx.rank == 0:
+            parent = prev_rung[0]["sha256"] if prev_rung else read_json(work / ladder.INIT)["init_sha256"]
+            rec = ladder.write_rung(model_now, work, {
+                "step": step, "stage": "pretrain", "stage_step": step, "tokens_seen": step * tokens_per_step,
+                "rows_consumed": step * order.batch_size, "parent_sha256": parent}, tokenizer_dir=dirs.tokenizer)
+            prev_rung[:] = [rec]
+        _barrier(ctx)
     if mismatch:
         lineage["resume_mismatch"] = mismatch  # resumed on purpose from another run's checkpoint
     windows = val_windows(order, order.seq_len, cfg.eval_tokens)
@@ -389,6 +433,8 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
         val = evaluate_now()
         if ctx.rank == 0:
             history.append({"step": 0, "val": val})
+        if 0 in rung_at:
+            write_rung(0)
 
     def checkpoint(step: int) -> Path | None:
         nonlocal parent
@@ -396,11 +442,11 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
         parent = f"step-{step:07d}"
         if ctx.rank == 0:
             fresh.committed(ckpt.step_dir(root, step))
-            ckpt.prune(root, cfg.keep_last)
+            for gone in ckpt.prune(root, cfg.keep_last):
+                timings_path(root, int(gone.name[5:])).unlink(missing_ok=True)
         return p
 
     # -- steps
-    tokens_per_step = order.batch_size * order.seq_len
     warm = warmup_steps(cfg)
     train_s = warmup_s = 0.0
     trained = 0
@@ -408,13 +454,13 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
     from tqdm import tqdm
     bar = tqdm(total=total, initial=start, disable=ctx.rank != 0, unit="step", dynamic_ncols=True)
     clock = Clock(ctx.device)
-    with StopFlag() as stop, Batches(order, engine.shard, ctx.device, total) as batches:
+    with StopFlag() as stopflag, Batches(order, engine.shard, ctx.device, stop) as batches:
         clock.mark()
-        for step in range(start, total):
+        for step in range(start, stop):
             x = batches.get(step)
             lr = engine.lr
             loss = engine.forward_backward(x)
-            signum = agree_signal(stop.signum, ctx)
+            signum = agree_signal(stopflag.signum, ctx)
             gnorm = engine.update(step)
             pending.append((step, loss, gnorm, lr))
             done = step + 1
@@ -422,7 +468,8 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
             log = done % cfg.log_every_steps == 0 or done == total
             ev = done % cfg.eval_every_steps == 0 or done == total
             save = done % cfg.checkpoint_every_steps == 0 or done == total or bool(signum) or engine.synced
-            if not (log or ev or save or done - start == warm):
+            rung = done in rung_at
+            if not (log or ev or save or rung or done - start == warm):
                 continue
             # -- a sync point: everything queued so far is read back once
             seconds = clock.lap()
@@ -448,6 +495,8 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
                 history.append(rec)
             rate = tokens_per_step * trained / train_s if train_s else tokens_per_step * n_steps / seconds
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
+            if rung:
+                write_rung(done)
             if save:
                 checkpoint(done)
             if signum and done < total:
@@ -457,6 +506,8 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
                                       f"{root / f'step-{done:07d}'} written; resume with --resume latest")
             clock.mark()
     bar.close()
+    if stop < total:   # stop_at: the rungs up to `stop` are written; the run is not finished
+        return {"steps": stop, "stopped_at": stop, "rungs": sorted(s for s in rung_at if s <= stop)}
     if start == total and total > 0 and not ckpt.list_steps(root):
         checkpoint(total)
 
@@ -468,14 +519,19 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
         trained_tokens, seconds = tokens_per_step * trained, train_s
     metrics = {
         "steps": total, "tokens": total * tokens_per_step, "params": count_params(final),
-        "tokens_per_s": (trained_tokens / seconds) if seconds else None,
-        "train_seconds": train_s + warmup_s, "warmup_seconds": warmup_s, "warmup_steps": min(warm, total - start),
+        "warmup_steps": min(warm, total - start),
         "world_size": ctx.world_size, "mode": engine.lineage["mode"], "engine": engine.name,
         "bytes_sent_per_worker": engine.bytes_sent_per_worker(), "comm": engine.comm.stats(),
     }
+    # wall-clock figures: returned, and written to artifacts/timings/pretrain.json, never into the
+    # stage output (DVC hashes it, the release lineage quotes that hash)
+    timings = {"tokens_per_s": (trained_tokens / seconds) if seconds else None,
+               "train_seconds": train_s + warmup_s, "warmup_seconds": warmup_s, "speeds": speeds}
     if ctx.rank == 0:
         from pipeline.pretrain import outputs
         metrics = outputs.write(recipe, out_dir, final, history, metrics, dirs, lineage, parent, speeds)
+        write_json(out_dir.parent / "timings" / "pretrain.json", timings)
+    metrics = {**metrics, **{k: v for k, v in timings.items() if k != "speeds"}}
     _barrier(ctx)
     return metrics
 

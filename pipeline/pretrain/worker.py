@@ -18,6 +18,7 @@ def main(argv=None) -> int:
     p.add_argument("--blend-dir", default="artifacts/blend")
     p.add_argument("--tokenize-dir", default="artifacts/tokenize")
     p.add_argument("--tokenizer-dir", default="artifacts/tokenizer")
+    p.add_argument("--stop-at", type=int, default=None)
     a = p.parse_args(argv)
 
     from pipeline.pretrain.launch import EXIT_FILE, load_spec
@@ -27,7 +28,7 @@ def main(argv=None) -> int:
     dirs = DataDirs(Path(a.blend_dir), Path(a.tokenize_dir), Path(a.tokenizer_dir))
     from pipeline.pretrain.trainer import train  # one loop; the engine (plain or DeepSpeed) comes from the recipe
     try:
-        train(recipe, Path(a.out), a.resume, dirs)
+        train(recipe, Path(a.out), a.resume, dirs, stop_at=a.stop_at)
     except PipelineError as e:
         import torch.distributed as dist
 
