@@ -379,8 +379,8 @@ class ModelCfg(Strict):
 
 class LadderCfg(Strict):
     """The steps whose weights are published (pipeline/ladder.py), in the style of the open suites
-    (Pythia: step 0, powers of two, then every K steps): `initial` step 0, `powers_of_two` 1, 2, 4, ...,
-    every `every` steps, the listed `steps`, and always the last step. Written as HF-format folders
+    (Pythia: step 0, powers of two, then every K steps): `initial` step 0, `powers_of_two` 1, 2, 4, ...
+    below K, every `every` (K) steps, the listed `steps`, and always the last step. Written as HF-format folders
     `artifacts/pretrain/ladder/step-NNNNNNN/`, apart from the resume checkpoints `keep_last` prunes."""
     enabled: StrictBool = True
     initial: StrictBool = True              # step 0: the seed's initialization

@@ -44,9 +44,9 @@ def steps(cfg, total: int) -> list[int]:
     out = {total}
     if cfg.initial:
         out.add(0)
-    if cfg.powers_of_two:
-        p = 1
-        while p < total:
+    if cfg.powers_of_two:   # below the first multiple of `every` (Pythia: 1 .. 512, then every 1000)
+        p, below = 1, min(total, cfg.every or total)
+        while p < below:
             out.add(p)
             p *= 2
     if cfg.every:
