@@ -307,6 +307,7 @@ class PosttrainCfg(Strict):
     seed: StrictInt | None = None           # defaults to the recipe seed
     device: StageDevice = "auto"
     precision: StagePrecision = "auto"
+    ladder: StrictBool = True         # publish the first and last step as rungs (after pretraining's)
 
 
 # --- quantization (pipeline/quantize/)
@@ -387,7 +388,6 @@ class LadderCfg(Strict):
     powers_of_two: StrictBool = True        # 1, 2, 4, ... below the last step
     every: PosInt | None = 1000             # every K steps (None: none)
     steps: list[NonNegInt] = []             # extra steps
-    posttrain: StrictBool = True            # post-training publishes its first and last step too
 
 
 class PretrainCfg(Strict):

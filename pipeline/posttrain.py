@@ -269,8 +269,9 @@ def check_finite(loss: float, model, phase: str, step: int) -> None:
                                    "nothing written")
 
 
-def sft(model, tok, examples: list[Example], cfg, seed: int) -> list[float]:
-    """Train on the assistant tokens (mean over labelled tokens of the batch); returns per-step loss."""
+def sft(model, tok, examples: list[Example], cfg, seed: int, on_step=None) -> list[float]:
+    """Train on the assistant tokens (mean over labelled tokens of the batch); returns per-step loss.
+    `on_step(n, model)` after each update n (1-based)."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.steps))
@@ -288,6 +289,8 @@ def sft(model, tok, examples: list[Example], cfg, seed: int) -> list[float]:
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(len(losses), model)
     check_finite(losses[-1] if losses else 0.0, model, "sft", len(losses))
     model.eval()
     return losses
@@ -415,7 +418,12 @@ def run(recipe: Recipe, pretrain_dir: Path = PRETRAIN_DIR, ingest_dir: Path = IN
         raise PipelineError("posttrain.sft: no conversations (check the sources)")
     examples = [tokenize_conversation(tok, c, cfg.max_len_tokens) for c in convs]
     examples = [e for e in examples if any(l != IGNORE for l in e.labels[1:])]
-    sft_losses = sft(model, tok, examples, cfg, seed)
+    first: dict = {}   # the weights after post-training's first step: the ladder's first post-training rung
+
+    def keep_first(n, m):
+        if n == 1 and cfg.ladder:
+            first.update({k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()})
+    sft_losses = sft(model, tok, examples, cfg, seed, on_step=keep_first)
     metrics.update(sft_examples=len(examples), sft_steps=cfg.steps,
                    sft_loss_first=sft_losses[0], sft_loss_last=sft_losses[-1])
     metrics["arith_em_after_sft"] = arithmetic_em(model, tok, problems, chat_format=True)
@@ -438,9 +446,34 @@ def run(recipe: Recipe, pretrain_dir: Path = PRETRAIN_DIR, ingest_dir: Path = IN
             "model_sha256": sha256_file(final / "model.safetensors"),
             "pretrain_lineage": _maybe_json(pretrain_dir / "lineage.json")})
         write_json(tmp / "metrics.json", metrics)
+        if cfg.ladder and first:
+            write_rungs(model, tok, first, tmp / "ladder", pretrain_dir, parent,
+                        cfg.steps + (cfg.dpo.steps if cfg.dpo.enabled else 0))
         seal(tmp, provenance("posttrain", recipe, inputs,
                                                        model_sha256=sha256_file(final / "model.safetensors")))
     return metrics
+
+
+def write_rungs(model, tok, first: dict, root: Path, pretrain_dir: Path, parent: str, total: int) -> list[dict]:
+    """Post-training's first and last step as ladder rungs (pipeline/ladder.py), numbered on from the
+    last pretraining step, so the chain of rungs runs on from the pretrained weights (`parent`) to the
+    released model; rows_consumed / tokens_seen stay those of pretraining (the published order)."""
+    from pipeline import ladder
+
+    pre = _maybe_json(pretrain_dir / "lineage.json") or {}
+    if "step" not in pre:
+        return []   # a pretrain output without its step: no ladder to continue
+    base = {"stage": "posttrain", "rows_consumed": pre["rows_consumed"], "tokens_seen": pre["tokens_seen"]}
+    start = copy.deepcopy(model).cpu()
+    start.load_state_dict(first)
+    a = ladder.write_rung(start, root, {**base, "step": pre["step"] + 1, "stage_step": 1, "parent_sha256": parent},
+                          tokenizer=tok)
+    out = [a]
+    if total > 1:
+        out.append(ladder.write_rung(model, root, {**base, "step": pre["step"] + total, "stage_step": total,
+                                                   "parent_sha256": a["sha256"]}, tokenizer=tok))
+    write_json(root / ladder.SUMMARY, {"rungs": [{k: v for k, v in r.items() if k != "files"} for r in out]})
+    return out
 
 
 def chat_ready(model, tok) -> None:

@@ -529,7 +529,8 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
                "train_seconds": train_s + warmup_s, "warmup_seconds": warmup_s, "speeds": speeds}
     if ctx.rank == 0:
         from pipeline.pretrain import outputs
-        metrics = outputs.write(recipe, out_dir, final, history, metrics, dirs, lineage, parent, speeds)
+        where = {"step": total, "rows_consumed": total * order.batch_size, "tokens_seen": total * tokens_per_step}
+        metrics = outputs.write(recipe, out_dir, final, history, metrics, dirs, {**lineage, **where}, parent, speeds)
         write_json(out_dir.parent / "timings" / "pretrain.json", timings)
     metrics = {**metrics, **{k: v for k, v in timings.items() if k != "speeds"}}
     _barrier(ctx)
