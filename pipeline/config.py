@@ -424,6 +424,7 @@ class ReleaseCfg(Strict):
     include_base: StrictBool = True         # also ship the pretrained weights under base/ (for recreate --until pretrain)
     include_quantized: StrictBool = True    # quantized variants under quantized/<name>/
     include_gguf: StrictBool = True         # GGUF files under gguf/
+    include_ladder: StrictBool = True       # the checkpoint ladder under checkpoints/step-NNNNNNN/
     license: str = "apache-2.0"
     repo_id: str | None = None        # default hub repo for `omp publish`
     base_model: str | None = None     # hub id of the published base model (model card `base_model`)

@@ -4,6 +4,7 @@
     base/                      the pretrained model (when the top is the post-trained one)
     quantized/<variant>/       transformers-loadable quantized variants
     gguf/*.gguf                llama.cpp / ollama files
+    checkpoints/step-NNNNNNN/  the checkpoint ladder (pipeline/ladder.py): HF folders of the published steps
     data/indices.npy, data/blend.json    the published data order
     recipe.yaml                the resolved recipe (every parameter of the chain)
     lineage.json               the whole experiment chain (pipeline.lineage.chain_lineage)
@@ -30,7 +31,7 @@ from pipeline.verify import check_name, check_relpath, outputs_of, seal, verify_
 
 OUT = Path("artifacts/release")
 ART = Path("artifacts")
-SKIP = {"lineage.json", "provenance.json"}
+SKIP = {"lineage.json", "provenance.json", "rung.json"}
 
 
 def copy_model_dir(src: Path, dst: Path) -> None:
@@ -240,7 +241,8 @@ def model_card(recipe: Recipe, lineage: dict, name: str) -> str:
     else:
         lines.append("No quantized variants in this release.")
     commit = lineage["code"].get("commit")
-    lines += ["", "## How to recreate this model", "",
+    lines += ["", *ladder_lines(lineage.get("ladder") or {}, cfg.repo_id)]
+    lines += ["## How to recreate this model", "",
               "With the Open Model Pipeline source"
               + (f" at commit `{commit}`" if commit else " at the commit named by `code.commit` in lineage.json")
               + " and Python 3.11:", "", "```",
@@ -251,6 +253,58 @@ def model_card(recipe: Recipe, lineage: dict, name: str) -> str:
               "`lineage.json` holds the git commit, the resolved recipe, the data manifests and their lock "
               "hashes, the dvc.lock stage hashes, the indices sha256 and the sha256 and parent of every checkpoint.", ""]
     return "\n".join(lines)
+
+
+def ladder_rungs(variant: str) -> list[tuple[dict, Path]]:
+    """(rung record, folder) of every rung behind the released variant: pretraining's, then
+    post-training's when the post-trained model is released."""
+    from pipeline import ladder
+
+    out = []
+    for stage in ("pretrain", "posttrain") if variant == "posttrain" else ("pretrain",):
+        root = ART / stage / "ladder"
+        out += [(r, root / ladder.rung_name(r["step"])) for r in ladder.read_rungs(root)]
+    return out
+
+
+def ladder_lineage(recipe: Recipe, rel: Path, rungs: list[tuple[dict, Path]]) -> dict:
+    """lineage.json `ladder`: per rung its step, tokens seen, rows of the published order consumed,
+    parent sha256 and the sha256 of each of its files as published (checkpoints/step-NNNNNNN/)."""
+    from pipeline import ladder
+
+    summary = ART / "pretrain" / "ladder" / ladder.SUMMARY
+    init = read_json(summary) if summary.is_file() else {}
+    out = []
+    for r, _src in rungs:
+        path = f"checkpoints/{ladder.rung_name(r['step'])}"
+        files = {p.name: sha256_file(p) for p in sorted((rel / path).iterdir()) if p.is_file()}
+        out.append({k: r[k] for k in ("step", "stage", "stage_step", "tokens_seen", "rows_consumed",
+                                      "sha256", "parent_sha256")} | {"path": path, "files": files})
+    return {"init_sha256": init.get("init_sha256"), "seed": recipe.seed,
+            "global_batch_size": recipe.blend.global_batch_size, "seq_len": recipe.blend.seq_len, "rungs": out}
+
+
+def ladder_lines(lin: dict, repo_id: str | None) -> list[str]:
+    """The model card's ladder table and how to load a rung."""
+    rungs = lin.get("rungs") or []
+    if not rungs:
+        return []
+    repo = repo_id or "ORG/NAME"
+    first = rungs[len(rungs) // 2]["path"].split("/")[-1]
+    lines = ["## Checkpoint ladder", "",
+             f"{len(rungs)} checkpoints (rungs) of the run, each a complete model folder in `checkpoints/` and, "
+             "on the hub, a branch of the same name. A rung's parent is the rung before it (the first rung's, the "
+             f"initialization of seed {lin['seed']}); rows consumed = rows `0 : rows` of `data/indices.npy` "
+             "(`omp batch --step 0 .. step-1`). `omp verify` checks every file and the parent chain; "
+             "`omp recreate . --step N` retrains only up to step N and compares that rung bitwise.", "",
+             "```python", "from transformers import AutoModelForCausalLM", "",
+             f'model = AutoModelForCausalLM.from_pretrained("{repo}", revision="{first}")', "```", "",
+             "| step | stage | tokens seen | rows consumed | sha256 (model.safetensors) | parent |",
+             "|---:|---|---:|---:|---|---|"]
+    for r in rungs:
+        lines.append(f"| {r['step']} | {r['stage']} (step {r['stage_step']}) | {r['tokens_seen']:,} | "
+                     f"{r['rows_consumed']:,} | `{r['sha256'][:16]}` | `{r['parent_sha256'][:16]}` |")
+    return lines + [""]
 
 
 def verify_inputs(recipe: Recipe) -> None:
@@ -293,6 +347,11 @@ def run(recipe: Recipe, out_dir: Path = OUT) -> Path:
             check_relpath(f, "tokenize.json: decontamination file")
             (rel / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(verify_file(f, digest, "artifacts/tokenize/tokenize.json"), rel / f)
+        if cfg.include_ladder:
+            rungs = ladder_rungs(cfg.variant)
+            for _r, src in rungs:
+                copy_model_dir(src, rel / "checkpoints" / src.name)
+            lineage["ladder"] = ladder_lineage(recipe, rel, rungs)
         (rel / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(recipe), sort_keys=False), encoding="utf-8")
         lineage["model_sha256"] = sha256_file(rel / "model.safetensors")
         (rel / "README.md").write_text(model_card(recipe, lineage, name), encoding="utf-8")
