@@ -159,6 +159,14 @@ def cmd_recreate(args):
         raise SystemExit(code)
 
 
+def cmd_verify(args):
+    from pipeline import ladder
+
+    code = ladder.verify(args.target, check_init=not args.no_init)
+    if code:
+        raise SystemExit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import pipeline
 
@@ -232,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-outside", action="store_true",
                     help="run a lineage whose recipe/manifest lists allow_paths outside the work folder")
     sp.set_defaults(fn=cmd_recreate)
+
+    sp = sub.add_parser("verify", help="check a release's files and checkpoint ladder against its lineage")
+    sp.add_argument("target", help="release directory, or a hub repo id (org/name) whose branches hold the rungs")
+    sp.add_argument("--no-init", action="store_true",
+                    help="do not rebuild the seed's initialization to check the ladder's first parent")
+    sp.set_defaults(fn=cmd_verify)
 
     sp = sub.add_parser("blend-report", help="print the mixture table (target vs realized, epochs)")
     sp.add_argument("--blend-dir", default="artifacts/blend", help="blend output with blend.json (default artifacts/blend)")

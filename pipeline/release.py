@@ -27,7 +27,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_json, sha256_file, write_json
 from pipeline.lineage import chain_lineage, provenance
 from pipeline.log import status
-from pipeline.verify import check_name, check_relpath, outputs_of, seal, verify_file, verify_stage
+from pipeline.verify import check_name, check_relpath, seal, tree_files, verify_file, verify_stage
 
 OUT = Path("artifacts/release")
 ART = Path("artifacts")
@@ -356,8 +356,8 @@ def run(recipe: Recipe, out_dir: Path = OUT) -> Path:
         lineage["model_sha256"] = sha256_file(rel / "model.safetensors")
         (rel / "README.md").write_text(model_card(recipe, lineage, name), encoding="utf-8")
         # every file of the release but lineage.json itself: `omp recreate` checks them all first
-        lineage["files"] = outputs_of(rel)
-        lineage["files"].pop("lineage.json", None)
+        # (checkpoints/ too: here it is the ladder, published files, not pretrain's resume checkpoints)
+        lineage["files"] = {f: sha256_file(rel / f) for f in tree_files(rel, ("lineage.json",))}
         write_json(rel / "lineage.json", lineage)
         seal(tmp, provenance("release", recipe, {"model": lineage["model_sha256"],
                                                                           "indices": lineage["data"]["indices_sha256"]}))

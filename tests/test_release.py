@@ -291,3 +291,158 @@ def test_recreate_refuses_a_forged_lineage_or_release(released, tmp_path, capsys
     assert code == 2 and needle in err and "Traceback" not in err, err
     assert not (tmp_path / "wd" / "artifacts").exists()
     assert not (tmp_path / "escaped.yaml").exists() and not Path("/tmp/escaped.yaml").exists()
+
+
+# --------------------------------------------------------------------------- the checkpoint ladder (issue 16)
+
+
+def test_release_ships_the_ladder_with_its_lineage(released):
+    from transformers import AutoModelForCausalLM
+
+    _, rel, _, _ = released
+    lin = read_json(rel / "lineage.json")
+    lad = lin["ladder"]
+    rungs = lad["rungs"]
+    # micro: pretrain rungs 0, 8, 40, 80; post-training's first and last step numbered on (81, 80 + 60 + 10)
+    assert [(r["step"], r["stage"], r["stage_step"]) for r in rungs] == [
+        (0, "pretrain", 0), (8, "pretrain", 8), (40, "pretrain", 40), (80, "pretrain", 80),
+        (81, "posttrain", 1), (150, "posttrain", 70)]
+    assert sorted(p.name for p in (rel / "checkpoints").iterdir()) == [f"step-{r['step']:07d}" for r in rungs]
+    assert [r["rows_consumed"] for r in rungs] == [0, 64, 320, 640, 640, 640]
+    assert [r["tokens_seen"] for r in rungs] == [n * 64 for n in (0, 64, 320, 640, 640, 640)]
+    assert rungs[0]["parent_sha256"] == lad["init_sha256"] == rungs[0]["sha256"]
+    assert [r["parent_sha256"] for r in rungs[1:]] == [r["sha256"] for r in rungs[:-1]]
+    chk = {c["name"]: c["sha256"] for c in lin["checkpoints"]}
+    assert rungs[3]["sha256"] == chk["pretrain"] and rungs[-1]["sha256"] == chk["posttrain"] == lin["model_sha256"]
+    for r in rungs:   # every file of every rung is hash-listed, in the rung and in `files`
+        for f, h in r["files"].items():
+            assert lin["files"][f"{r['path']}/{f}"] == h == sha256_file(rel / r["path"] / f)
+    # rows consumed bound a rung exactly: rung 8 saw `omp batch --step 0..7`, i.e. indices rows 0:64
+    import numpy as np
+
+    idx = np.load(rel / "data/indices.npy")
+    assert len(idx) >= rungs[-1]["rows_consumed"] and rungs[1]["rows_consumed"] == 8 * 8
+    card = (rel / "README.md").read_text()
+    assert "## Checkpoint ladder" in card and 'revision="step-' in card
+    assert f"| 40 | pretrain (step 40) | 20,480 | 320 | `{rungs[2]['sha256'][:16]}` | `{rungs[1]['sha256'][:16]}` |" in card
+    model = AutoModelForCausalLM.from_pretrained(str(rel / "checkpoints/step-0000040"), use_safetensors=True)
+    assert model.config.num_hidden_layers == 2
+    # publish (a dry run here) pushes each rung as the hub branch step-NNNNNNN
+    _, _, _, pub = released
+    for r in rungs:
+        assert f"branch step-{r['step']:07d}" in pub.stdout
+
+
+def _verify(target: Path, capsys) -> tuple[int, str]:
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(["verify", str(target)])
+    except SystemExit as e:   # a mismatch: exit 1 (errors are exit 2, returned by main)
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def _plant(copy: Path, failure: str) -> str:
+    """One failure seen in published suites, planted consistently (lineage.json rewritten to match),
+    so only the ladder's own checks can catch it. Returns what `omp verify` must say."""
+    lin = read_json(copy / "lineage.json")
+    rungs = {r["step"]: r for r in lin["ladder"]["rungs"]}
+
+    def put(step: int, weights: Path) -> None:
+        rel = f"checkpoints/step-{step:07d}/model.safetensors"
+        shutil.copyfile(weights, copy / rel)
+        sha = sha256_file(copy / rel)
+        lin["files"][rel] = rungs[step]["files"]["model.safetensors"] = rungs[step]["sha256"] = sha
+
+    if failure == "identical-rungs":      # step branches 0-6300 of one suite were byte-identical
+        put(40, copy / "checkpoints/step-0000008/model.safetensors")
+        expect = "step-0000040: model.safetensors is identical to step-0000008's"
+    elif failure == "final-weights":      # step branches serving final-era weights
+        put(8, copy / "model.safetensors")
+        expect = "step-0000008: model.safetensors holds the final posttrain weights"
+    elif failure == "wrong-parent":       # a rung that does not descend from the one before it
+        rungs[40]["parent_sha256"] = rungs[0]["sha256"]
+        expect = "step-0000040: parent"
+    elif failure == "other-seed":         # a ladder that starts from another seed's initialization
+        from pipeline.config import ModelCfg
+        from pipeline.ladder import init_sha256
+        from pipeline.model import build_model
+
+        cfg = read_json(copy / "config.json")
+        other = build_model(ModelCfg.model_validate(lin["recipe"]["pretrain"]["model"]), cfg["vocab_size"],
+                            cfg["max_position_embeddings"], {}, seed=lin["recipe"]["seed"] + 1)
+        other.config.bos_token_id, other.config.eos_token_id, other.config.pad_token_id = \
+            cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]
+        other.save_pretrained(str(copy / "other"), safe_serialization=True)
+        put(0, copy / "other/model.safetensors")
+        shutil.rmtree(copy / "other")
+        lin["ladder"]["init_sha256"] = rungs[0]["parent_sha256"] = rungs[8]["parent_sha256"] = rungs[0]["sha256"]
+        assert init_sha256(lin["recipe"], cfg) != rungs[0]["sha256"]
+        expect = "ladder.init_sha256"
+    (copy / "lineage.json").write_text(json.dumps(lin))
+    return expect
+
+
+def test_verify_passes_the_release_and_names_a_changed_rung_file(released, tmp_path, capsys):
+    _, rel, _, _ = released
+    code, out = _verify(rel, capsys)
+    assert code == 0 and "OK: " in out and "6 rungs" in out, out
+    copy = tmp_path / "rel"
+    shutil.copytree(rel, copy)
+    f = copy / "checkpoints/step-0000040/config.json"
+    f.write_text(f.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
+    (copy / "checkpoints/step-0000081/tokenizer.json").unlink()
+    code, out = _verify(copy, capsys)
+    assert code == 1, out
+    assert "MISMATCH step-0000040: config.json: sha256" in out and "does not match lineage.json" in out
+    assert "MISMATCH step-0000081: tokenizer.json: missing" in out and "FAILED: 2 mismatch(es)" in out
+
+
+@pytest.mark.parametrize("failure", ["identical-rungs", "final-weights", "wrong-parent", "other-seed"])
+def test_verify_names_each_planted_ladder_failure(released, tmp_path, capsys, failure):
+    _, rel, _, _ = released
+    copy = tmp_path / "rel"
+    shutil.copytree(rel, copy)
+    expect = _plant(copy, failure)
+    code, out = _verify(copy, capsys)
+    assert code == 1 and f"MISMATCH {expect}" in out, out
+    assert "does not match lineage.json" not in out   # planted consistently: every file matches its hash
+
+
+def _hub_cache(rel: Path, cache: Path, repo_id: str) -> Path:
+    """The release as `omp publish` lays it out on the hub (main without checkpoints/, a branch
+    step-NNNNNNN per rung with its files at the root), in huggingface_hub's cache format."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    main_files = [p for p in rel.rglob("*") if p.is_file() and not p.relative_to(rel).as_posix().startswith("checkpoints/")]
+
+    def snapshot(ref: str, extra: Path | None) -> None:
+        commit = __import__("hashlib").sha1(ref.encode()).hexdigest()
+        snap = repo / "snapshots" / commit
+        for p in main_files:
+            (snap / p.relative_to(rel)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, snap / p.relative_to(rel))
+        for p in sorted(extra.iterdir()) if extra else []:
+            shutil.copyfile(p, snap / p.name)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+
+    snapshot("main", None)
+    for d in sorted((rel / "checkpoints").iterdir()):
+        snapshot(d.name, d)
+    return repo
+
+
+def test_verify_a_hub_repo_reads_each_rung_from_its_branch(released, tmp_path):
+    _, rel, _, _ = released
+    repo = _hub_cache(rel, tmp_path / "hub", "org/micro")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    ok = omp("verify", "org/micro", cwd=tmp_path, env=env, check=False)
+    assert ok.returncode == 0 and "OK: " in ok.stdout and "6 rungs" in ok.stdout, ok.stdout + ok.stderr
+    # branch step-0000040 serves the final weights: named by step and file
+    commit = (repo / "refs/step-0000040").read_text()
+    shutil.copyfile(rel / "model.safetensors", repo / "snapshots" / commit / "model.safetensors")
+    bad = omp("verify", "org/micro", cwd=tmp_path, env=env, check=False)
+    assert bad.returncode == 1 and "MISMATCH step-0000040: model.safetensors: sha256" in bad.stdout, bad.stdout
