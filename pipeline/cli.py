@@ -154,7 +154,7 @@ def cmd_recreate(args):
     from pipeline import recreate
 
     code = recreate.run(args.target, until=args.until, workdir=args.workdir, tolerance=args.tolerance,
-                        allow_outside=args.allow_outside)
+                        allow_outside=args.allow_outside, step=args.step)
     if code:
         raise SystemExit(code)
 
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="last stage to rebuild and compare (default: the released variant's stage)")
     sp.add_argument("--workdir", type=Path, default=None, help="where to rebuild (default: a new temp dir)")
     sp.add_argument("--tolerance", type=float, default=0.0, help="max abs diff accepted (0: bitwise)")
+    sp.add_argument("--step", type=int, default=None, metavar="N",
+                    help="recreate only the ladder rung checkpoints/step-N: train up to step N, compare that rung")
     sp.add_argument("--allow-outside", action="store_true",
                     help="run a lineage whose recipe/manifest lists allow_paths outside the work folder")
     sp.set_defaults(fn=cmd_recreate)

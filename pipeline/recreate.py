@@ -1,4 +1,9 @@
-"""`omp recreate <release dir | lineage.json> [--until pretrain|posttrain|quantize]`.
+"""`omp recreate <release dir | lineage.json> [--until pretrain|posttrain|quantize] [--step N]`.
+
+`--step N` recreates one rung of the checkpoint ladder (`checkpoints/step-NNNNNNN/`): the data
+stages, then pretraining only up to step N (`omp pretrain --stop-at N`: the schedule is the whole
+run's, so the rung is the same), or for a post-training rung pretraining and post-training; its
+cost grows with N, not with the whole run. Then that rung's files are compared as below.
 
 First every file of the release is verified against `lineage.json` (`files`: relative path ->
 sha256; a missing, extra or changed file is refused by name, before any work), and the lineage
@@ -150,10 +155,10 @@ def place_decontamination_files(lineage: dict, release: Path | None, wd: Path) -
         os.symlink(Path.cwd() / "evals", wd / "evals")   # the evaluate stage reads the local tasks
 
 
-def _run_stage(stage: str, workdir: Path) -> None:
-    print(f"== recreate: omp {stage}", flush=True)
+def _run_stage(stage: str, workdir: Path, *extra: str) -> None:
+    print(f"== recreate: omp {stage} {' '.join(extra)}".rstrip(), flush=True)
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", stage, "--recipe", "recipe.yaml"],
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", stage, "--recipe", "recipe.yaml", *extra],
                           cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         sys.stdout.write(proc.stdout[-4000:])
@@ -201,7 +206,18 @@ def compare_safetensors(published: Path, recreated: Path, tolerance: float = 0.0
     return ok, lines
 
 
-def expected_files(lineage: dict, workdir: Path, until: str) -> dict[str, Path]:
+def rung_dir(art: Path, stage: str, step: int) -> Path | None:
+    """A rung the recreated chain wrote: in the stage output, or (a run stopped at it) in pretrain's
+    working folder checkpoints/ladder/."""
+    from pipeline.ladder import rung_name
+
+    for d in (art / stage / "ladder" / rung_name(step), art / stage / "checkpoints" / "ladder" / rung_name(step)):
+        if (d / "model.safetensors").is_file():
+            return d
+    return None
+
+
+def expected_files(lineage: dict, workdir: Path, until: str, step: int | None = None) -> dict[str, Path]:
     """Release path -> the file the recreated chain produced for it, for every release file the
     stages up to `until` rebuild, assembled the way `omp release` assembles them."""
     from pipeline.release import copy_model_dir
@@ -211,6 +227,13 @@ def expected_files(lineage: dict, workdir: Path, until: str) -> dict[str, Path]:
     out.mkdir(parents=True)
     top = lineage.get("released_variant", "posttrain")
     built = UNTIL[until]
+    for r in (lineage.get("ladder") or {}).get("rungs") or []:   # the rungs of every stage rebuilt
+        if r.get("stage") in built and (step is None or r["step"] == step):
+            src = rung_dir(art, r["stage"], r["step"])
+            if src is not None:
+                copy_model_dir(src, out / check_relpath(r["path"], "lineage.json: ladder.rungs.path"))
+    if step is not None:
+        built = []   # only the rung (and the data order below) is rebuilt
     if top in built and (art / top / "final").is_dir():
         copy_model_dir(art / top / "final", out)
     if top == "posttrain" and "pretrain" in built and (art / "pretrain/final").is_dir():
@@ -235,11 +258,11 @@ def expected_files(lineage: dict, workdir: Path, until: str) -> dict[str, Path]:
 
 
 def compare_release(lineage: dict, release: Path, workdir: Path, until: str,
-                    tolerance: float) -> tuple[bool, list[str]]:
+                    tolerance: float, step: int | None = None) -> tuple[bool, list[str]]:
     """Every published file the chain rebuilt, compared with the rebuilt one (tensors for safetensors,
     bytes otherwise); then the published files it did not rebuild, and why."""
     files = lineage["files"]
-    rebuilt = expected_files(lineage, workdir, until)
+    rebuilt = expected_files(lineage, workdir, until, step)
     ok, lines, equal = True, [], 0
     for rel in sorted(files):
         if rel not in rebuilt:
@@ -269,18 +292,35 @@ def compare_release(lineage: dict, release: Path, workdir: Path, until: str,
     for rel in rest:
         why = ("decontamination input, verified against lineage.json" if rel in deco else
                "model card: evaluation results and timings, not rebuilt" if rel == "README.md" else
+               f"not rebuilt by --step {step} (verified against lineage.json)" if step is not None else
                f"not rebuilt by --until {until} (verified against lineage.json)")
         lines.append(f"  not rebuilt: {rel} ({why})")
     return ok, lines
 
 
+def ladder_stage(lineage: dict, step: int) -> str:
+    """The stage of rung `step` (`--step`); an error listing the ladder's steps when there is none."""
+    rungs = (lineage.get("ladder") or {}).get("rungs") or []
+    for r in rungs:
+        if r.get("step") == step:
+            if r.get("stage") not in UNTIL:
+                raise DataIntegrityError(f"lineage.json: ladder rung {step}: unknown stage {r.get('stage')!r}")
+            return r["stage"]
+    raise PipelineError(f"--step {step}: not a rung of this release's ladder (steps: "
+                        f"{', '.join(str(r.get('step')) for r in rungs) or 'none, the release has no ladder'})")
+
+
 def run(target: Path, until: str | None = None, workdir: Path | None = None, tolerance: float = 0.0,
-        allow_outside: bool = False) -> int:
+        allow_outside: bool = False, step: int | None = None) -> int:
     lineage, release = load_lineage(target)
     check_paths(lineage, allow_outside)
     verify_release(lineage, release)
     verify_published(lineage, release)
     print(f"verified: {len(lineage['files'])} release files match lineage.json")
+    if step is not None:
+        if until is not None:
+            raise PipelineError("--step and --until: give one")
+        until = ladder_stage(lineage, step)
     until = until or lineage.get("released_variant", "posttrain")
     code = git_commit()
     if lineage["code"].get("commit") and code.get("commit") != lineage["code"]["commit"]:
@@ -292,7 +332,7 @@ def run(target: Path, until: str | None = None, workdir: Path | None = None, tol
     from pipeline.lock import output_lock
 
     with output_lock(wd, command="omp recreate"):
-        ok = _recreate(lineage, release, wd, until, tolerance)
+        ok = _recreate(lineage, release, wd, until, tolerance, step)
     if own_tmp and ok:
         shutil.rmtree(wd, ignore_errors=True)
     verdict = ("MATCH: every rebuilt file equals the published one"
@@ -302,8 +342,9 @@ def run(target: Path, until: str | None = None, workdir: Path | None = None, tol
     return 0 if ok else 1
 
 
-def _recreate(lineage: dict, release: Path, wd: Path, until: str, tolerance: float) -> bool:
-    print(f"recreating {lineage['name']} until {until} in {wd}")
+def _recreate(lineage: dict, release: Path, wd: Path, until: str, tolerance: float, step: int | None = None) -> bool:
+    print(f"recreating {lineage['name']} " + (f"rung step {step} ({until})" if step is not None else f"until {until}")
+          + f" in {wd}")
     for m in lineage["manifests"]:
         p = wd / check_relpath(m["path"], "lineage.json: manifests.path")
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -317,7 +358,10 @@ def _recreate(lineage: dict, release: Path, wd: Path, until: str, tolerance: flo
     for stage in UNTIL[until]:
         if stage == "posttrain" and not any(c["stage"] == "posttrain" for c in lineage["checkpoints"]):
             continue
-        _run_stage(stage, wd)
-    ok, lines = compare_release(lineage, release, wd, until, tolerance)
+        if stage == "pretrain" and step is not None and until == "pretrain":
+            _run_stage(stage, wd, "--stop-at", str(step))   # only up to the rung: cost grows with N
+        else:
+            _run_stage(stage, wd)
+    ok, lines = compare_release(lineage, release, wd, until, tolerance, step)
     print("\n".join(lines))
     return ok

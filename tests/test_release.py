@@ -446,3 +446,45 @@ def test_verify_a_hub_repo_reads_each_rung_from_its_branch(released, tmp_path):
     shutil.copyfile(rel / "model.safetensors", repo / "snapshots" / commit / "model.safetensors")
     bad = omp("verify", "org/micro", cwd=tmp_path, env=env, check=False)
     assert bad.returncode == 1 and "MISMATCH step-0000040: model.safetensors: sha256" in bad.stdout, bad.stdout
+
+
+def test_recreate_one_rung_by_step_trains_only_up_to_it(released, tmp_path):
+    _, rel, _, _ = released
+    wd = tmp_path / "again"
+    p = omp("recreate", str(rel), "--step", "8", "--workdir", str(wd), cwd=tmp_path, check=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1].startswith("MATCH")
+    assert "checkpoints/step-0000008/model.safetensors:" in p.stdout and "20/20 tensors bitwise equal" in p.stdout
+    for f in ("config.json", "tokenizer.json", "generation_config.json"):
+        assert f"checkpoints/step-0000008/{f}: bytes equal" in p.stdout
+    assert "not rebuilt: checkpoints/step-0000040/model.safetensors" in p.stdout
+    # trained 8 steps, not 80: no final model, no checkpoint past step 8, rungs 0 and 8 only
+    art = wd / "artifacts/pretrain"
+    assert not (art / "final").exists() and not (art / "checkpoints/step-0000010").exists()
+    assert sorted(d.name for d in (art / "checkpoints/ladder").glob("step-*")) == ["step-0000000", "step-0000008"]
+    bad = omp("recreate", str(rel), "--step", "9", "--workdir", str(tmp_path / "no"), cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "--step 9: not a rung" in bad.stderr and "0, 8, 40, 80, 81, 150" in bad.stderr
+
+
+def test_release_made_again_is_byte_identical_whatever_the_timings(released, tmp_path):
+    """Wall-clock figures live in artifacts/timings/ only: no stage output and no release file holds
+    or hashes one, so a release made again (other timings) has every file's sha256 equal."""
+    wd, rel, _, _ = released
+    assert (wd / "artifacts/timings/pretrain.json").is_file()
+    for stage in ("pretrain", "posttrain", "quantize", "release"):
+        for f in (wd / "artifacts" / stage).rglob("*.json"):
+            if "/checkpoints/step-" not in f.as_posix():
+                text = f.read_text()
+                assert not any(k in text for k in ('"tokens_per_s"', '_seconds"', '"date"')), f
+    copy = tmp_path / "work"
+    shutil.copytree(wd, copy, symlinks=True)
+    for f in (copy / "artifacts/timings").rglob("*.json"):
+        f.write_text('{"tokens_per_s": 1.0, "train_seconds": 99999.0}\n')
+    shutil.rmtree(copy / "artifacts/release")
+    omp("release", "--recipe", MICRO, cwd=copy)
+    again = copy / "artifacts/release/micro"
+    from pipeline.verify import tree_files
+
+    files = tree_files(rel, hidden=True)
+    assert "lineage.json" in files and "README.md" in files and tree_files(again, hidden=True) == files
+    assert {f: sha256_file(again / f) for f in files} == {f: sha256_file(rel / f) for f in files}
