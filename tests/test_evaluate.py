@@ -39,11 +39,32 @@ def add_random_variant(work: Path) -> Path:
     return out
 
 
+def add_ladder(work: Path) -> None:
+    """Two rungs as the pretrain stage writes them: step 0 (a random initialization) and step 60 (the
+    stand-in's trained weights), sealed with the stage's other outputs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline import ladder
+    from pipeline.verify import seal
+
+    final = work / "artifacts/pretrain/final"
+    tok = AutoTokenizer.from_pretrained(str(final))
+    root = work / "artifacts/pretrain/ladder"
+    init = AutoModelForCausalLM.from_pretrained(str(work / "artifacts/quantize/random-init"))
+    a = ladder.write_rung(init, root, {"step": 0, "stage": "pretrain", "stage_step": 0, "tokens_seen": 0,
+                                       "rows_consumed": 0, "parent_sha256": "0" * 64}, tokenizer=tok)
+    ladder.write_rung(AutoModelForCausalLM.from_pretrained(str(final)), root, {
+        "step": 60, "stage": "pretrain", "stage_step": 60, "tokens_seen": 60 * 8 * 64, "rows_consumed": 60 * 8,
+        "parent_sha256": a["sha256"]}, tokenizer=tok)
+    seal(final.parent, {"stage": "pretrain", "stand_in": "tests/test_evaluate.py"})
+
+
 @pytest.fixture(scope="module")
 def evaluated(micro_pretrained, tmp_path_factory):  # noqa: F811
     work = tmp_path_factory.mktemp("evaluate") / "work"
     shutil.copytree(micro_pretrained, work, symlinks=True)
     add_random_variant(work)
+    add_ladder(work)
     proc = omp("evaluate", "--recipe", MICRO, cwd=work, env=OFFLINE)
     return work, proc
 
@@ -87,6 +108,27 @@ def test_trained_model_beats_random_init(evaluated):
     arena = json.loads((work / "artifacts/evaluate/arena.json").read_text())
     top = arena["variants"][0]
     assert top["name"] == "pretrain" and top["lo"] > arena["variants"][1]["hi"], arena
+
+
+@pytest.mark.e2e
+def test_learning_curves_score_every_rung(evaluated):
+    """evaluate.ladder: every rung on the perplexity tasks and one multiple-choice task (micro: 8 items)."""
+    work, _ = evaluated
+    out = work / "artifacts/evaluate"
+    rows = json.loads((out / "ladder.json").read_text())
+    tasks = {"omp_ppl_python_docs", "omp_ppl_python_code", "omp_ppl_arithmetic", "omp_arith_mc"}
+    assert {(r["step"], r["task"]) for r in rows} == {(s, t) for s in (0, 60) for t in tasks}
+    by = {(r["step"], r["task"]): r for r in rows}
+    assert by[(60, "omp_arith_mc")]["metric"] == "acc" and by[(60, "omp_arith_mc")]["n"] == 8
+    for t in tasks - {"omp_arith_mc"}:   # the trained rung beats the initialization, beyond its stderr
+        a, b = by[(0, t)], by[(60, t)]
+        assert a["metric"] == "bits_per_byte" and b["value"] + 2 * b["stderr"] < a["value"] - 2 * a["stderr"], (a, b)
+    lines = (out / "ladder.csv").read_text().splitlines()
+    assert lines[0] == "step,stage,tokens_seen,omp_arith_mc,omp_ppl_arithmetic,omp_ppl_python_code,omp_ppl_python_docs"
+    assert [ln.split(",")[:3] for ln in lines[1:]] == [["0", "pretrain", "0"], ["60", "pretrain", "30720"]]
+    assert (out / "ladder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    prov = json.loads((out / "provenance.json").read_text())["outputs"]
+    assert {"ladder.json", "ladder.csv", "ladder.png"} <= set(prov)
 
 
 @pytest.mark.e2e

@@ -12,6 +12,7 @@ Output `artifacts/evaluate/`:
   contamination.json       items per task sharing an n-gram with the tokens training saw
   arena.json               Bradley-Terry ratings with bootstrap 95% intervals
   leaderboard.md / .html / .png, provenance.json
+  ladder.json / .csv / .png  learning curves: every checkpoint-ladder rung on `evaluate.ladder.tasks`
 """
 
 from __future__ import annotations
@@ -271,6 +272,7 @@ def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dic
 
     tm = task_manager(include, defaults=False)
     check_tasks(tm, list(cfg.tasks) + list(cfg.chat_tasks), rfile, "evaluate.tasks")
+    check_tasks(tm, list(cfg.ladder.tasks), rfile, "evaluate.ladder.tasks")
     std_tm, why = None, (offline() if cfg.standard_tasks else None)
     if why:
         status(f"evaluate: standard tasks {', '.join(cfg.standard_tasks)} skipped: offline ({why}); "
@@ -305,6 +307,9 @@ def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dic
         if res:
             results[v.name], scores[v.name] = res, sc
 
+    from pipeline.evaluate import curves
+
+    ladder_rows = curves.score(recipe, tm, curves.rungs(artifacts)) if cfg.ladder.tasks else []
     timings = {name: res["omp"].pop("timing", {}) for name, res in results.items()}
     contam = contamination.report(artifacts, Path("evals/data"), cfg.contamination_ngram)
     ratings = arena.ratings(scores, rounds=cfg.bootstrap_rounds, seed=recipe.seed,
@@ -317,6 +322,8 @@ def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dic
         write_json(tmp / "arena.json", ratings)
         write_json(tmp / "metrics.json", leaderboard.flat_metrics(results))
         leaderboard.write(tmp, results, ratings, contam)
+        if ladder_rows:
+            curves.write(tmp, ladder_rows)
         inputs = {f"{v.name}": model_sha256(v.path)["model_sha256"] for v in variants}
         seal(tmp, provenance("evaluate", recipe, inputs, notes=notes))
     timings_file = Path(out_dir).parent / "timings" / "evaluate.json"   # artifacts/timings/evaluate.json
