@@ -449,6 +449,8 @@ def run(recipe: Recipe, pretrain_dir: Path = PRETRAIN_DIR, ingest_dir: Path = IN
         if cfg.ladder and first:
             write_rungs(model, tok, first, tmp / "ladder", pretrain_dir, parent,
                         cfg.steps + (cfg.dpo.steps if cfg.dpo.enabled else 0))
+        else:   # the folder is there either way (later stages list it as a dependency)
+            write_json(tmp / "ladder" / "ladder.json", {"rungs": []})
         seal(tmp, provenance("posttrain", recipe, inputs,
                                                        model_sha256=sha256_file(final / "model.safetensors")))
     return metrics
@@ -461,8 +463,9 @@ def write_rungs(model, tok, first: dict, root: Path, pretrain_dir: Path, parent:
     from pipeline import ladder
 
     pre = _maybe_json(pretrain_dir / "lineage.json") or {}
-    if "step" not in pre:
-        return []   # a pretrain output without its step: no ladder to continue
+    if "step" not in pre:   # a pretrain output without its step: no ladder to continue
+        write_json(root / "ladder.json", {"rungs": []})
+        return []
     base = {"stage": "posttrain", "rows_consumed": pre["rows_consumed"], "tokens_seen": pre["tokens_seen"]}
     start = copy.deepcopy(model).cpu()
     start.load_state_dict(first)

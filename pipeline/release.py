@@ -5,6 +5,7 @@
     quantized/<variant>/       transformers-loadable quantized variants
     gguf/*.gguf                llama.cpp / ollama files
     checkpoints/step-NNNNNNN/  the checkpoint ladder (pipeline/ladder.py): HF folders of the published steps
+    learning_curves.png        every rung's scores against tokens seen (the evaluate stage's ladder.png)
     data/indices.npy, data/blend.json    the published data order
     recipe.yaml                the resolved recipe (every parameter of the chain)
     lineage.json               the whole experiment chain (pipeline.lineage.chain_lineage)
@@ -145,7 +146,7 @@ def warnings_vs_base(rows: list[dict], variant: str) -> list[str]:
     return out
 
 
-def model_card(recipe: Recipe, lineage: dict, name: str) -> str:
+def model_card(recipe: Recipe, lineage: dict, name: str, curves: bool = False) -> str:
     cfg = recipe.release
     blend = read_json(ART / "blend" / "blend.json")
     manifest = yaml.safe_load(Path(recipe.data.manifest).read_text())
@@ -241,7 +242,7 @@ def model_card(recipe: Recipe, lineage: dict, name: str) -> str:
     else:
         lines.append("No quantized variants in this release.")
     commit = lineage["code"].get("commit")
-    lines += ["", *ladder_lines(lineage.get("ladder") or {}, cfg.repo_id)]
+    lines += ["", *ladder_lines(lineage.get("ladder") or {}, cfg.repo_id, curves=curves)]
     lines += ["## How to recreate this model", "",
               "With the Open Model Pipeline source"
               + (f" at commit `{commit}`" if commit else " at the commit named by `code.commit` in lineage.json")
@@ -284,8 +285,11 @@ def ladder_lineage(recipe: Recipe, rel: Path, rungs: list[tuple[dict, Path]]) ->
             "global_batch_size": recipe.blend.global_batch_size, "seq_len": recipe.blend.seq_len, "rungs": out}
 
 
-def ladder_lines(lin: dict, repo_id: str | None) -> list[str]:
-    """The model card's ladder table and how to load a rung."""
+CURVES = "learning_curves.png"
+
+
+def ladder_lines(lin: dict, repo_id: str | None, curves: bool = False) -> list[str]:
+    """The model card's ladder table, how to load a rung, and the learning curves."""
     rungs = lin.get("rungs") or []
     if not rungs:
         return []
@@ -304,6 +308,11 @@ def ladder_lines(lin: dict, repo_id: str | None) -> list[str]:
     for r in rungs:
         lines.append(f"| {r['step']} | {r['stage']} (step {r['stage_step']}) | {r['tokens_seen']:,} | "
                      f"{r['rows_consumed']:,} | `{r['sha256'][:16]}` | `{r['parent_sha256'][:16]}` |")
+    if curves:
+        lines += ["", "### Learning curves", "",
+                  "Every rung scored with lm-eval on the perplexity tasks (bits per byte, lower is better) and a "
+                  "multiple-choice task (accuracy), on the first `evaluate.ladder.limit` items, against tokens "
+                  "seen (± standard error):", "", f"![learning curves]({CURVES})"]
     return lines + [""]
 
 
@@ -352,9 +361,12 @@ def run(recipe: Recipe, out_dir: Path = OUT) -> Path:
             for _r, src in rungs:
                 copy_model_dir(src, rel / "checkpoints" / src.name)
             lineage["ladder"] = ladder_lineage(recipe, rel, rungs)
+            if rungs and (ART / "evaluate" / "ladder.png").is_file():
+                shutil.copyfile(ART / "evaluate" / "ladder.png", rel / CURVES)
         (rel / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(recipe), sort_keys=False), encoding="utf-8")
         lineage["model_sha256"] = sha256_file(rel / "model.safetensors")
-        (rel / "README.md").write_text(model_card(recipe, lineage, name), encoding="utf-8")
+        (rel / "README.md").write_text(model_card(recipe, lineage, name, curves=(rel / CURVES).is_file()),
+                                       encoding="utf-8")
         # every file of the release but lineage.json itself: `omp recreate` checks them all first
         # (checkpoints/ too: here it is the ladder, published files, not pretrain's resume checkpoints)
         lineage["files"] = {f: sha256_file(rel / f) for f in tree_files(rel, ("lineage.json",))}
