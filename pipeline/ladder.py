@@ -141,10 +141,15 @@ def _label(rel: str) -> str:
 
 def check_files(release: Path, files: dict) -> list[str]:
     """Every file lineage.json lists is there with its sha256, and nothing else is (all mismatches)."""
-    from pipeline.verify import tree_files
+    from pipeline.verify import PathError, check_relpath, tree_files
 
     problems = []
     for rel in sorted(files):
+        try:
+            check_relpath(rel, "lineage.json: files")
+        except PathError as e:
+            problems.append(str(e))
+            continue
         p = release / rel
         if p.is_symlink() or not p.is_file():
             problems.append(f"{_label(rel)}: missing (listed in lineage.json)")
