@@ -11,6 +11,7 @@ is loaded first and the recipe's keys are merged over it, section by section.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -241,14 +242,65 @@ class DeMoCfg(Strict):
     sign: StrictBool = True                # apply sign of the decoded update (as in the paper)
 
 
+class TorchFTCfg(Strict):
+    """engine torchft: where the Lighthouse is and how long torchft waits (execution only: not hashed)."""
+    # http://host:port of a Lighthouse started by `omp lighthouse` (None: `omp pretrain` starts its own
+    # on this host; the env var TORCHFT_LIGHTHOUSE, torchft's own, overrides both)
+    lighthouse: str | None = None
+    min_replicas: PosInt = 1         # a round needs at least this many replica groups
+    timeout_seconds: Annotated[Float, Field(gt=0)] = 10.0          # collectives and heal transfers
+    quorum_timeout_seconds: Annotated[Float, Field(gt=0)] = 60.0   # waiting for the next quorum
+    heartbeat_timeout_ms: PosInt = 2000   # the Lighthouse it starts: a silent replica leaves the quorum after this
+    join_timeout_ms: PosInt = 2000        # ... and waits this long for more replicas to join a quorum
+    max_restarts: NonNegInt = 3      # `omp pretrain` restarts a replica that died, this many times each
+
+
+class NodesCfg(Strict):
+    """Several machines (execution only: not hashed). torchrun's c10d rendezvous assigns node ranks;
+    engine deepspeed may use DeepSpeed's own launcher with a hostfile instead."""
+    nnodes: PosInt = 1               # machines; world_size is the total number of workers over all of them
+    rdzv_endpoint: str | None = None  # host:port every node reaches (torchrun --rdzv-endpoint); needed if nnodes > 1
+    rdzv_id: SafeName = "omp"        # names the job at the rendezvous (the same on every node)
+    hostfile: str | None = None      # engine deepspeed: launch with `deepspeed --hostfile` (pdsh/ssh) instead of torchrun
+    master_port: Annotated[StrictInt, Field(ge=1, le=65535)] = 29500   # with hostfile: DeepSpeed's master port
+
+    def world_size_per_node(self, world_size: int) -> int | None:
+        return world_size // self.nnodes if world_size % self.nnodes == 0 else None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.nnodes > 1 and self.rdzv_endpoint is None and self.hostfile is None:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of the rendezvous) or hostfile")
+        if self.rdzv_endpoint is not None and not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+:\d{1,5}", self.rdzv_endpoint):
+            raise ValueError(f"rdzv_endpoint {self.rdzv_endpoint!r} is not host:port")
+        return self
+
+
 class DistributedCfg(Strict):
     mode: Literal["ddp", "diloco", "demo"] = "ddp"
-    world_size: PosInt = 1           # 1 runs in-process; >1 launches torchrun (or deepspeed)
-    engine: Literal["torchrun", "deepspeed"] = "torchrun"
+    world_size: PosInt = 1           # 1 runs in-process; >1 launches torchrun (or deepspeed, or torchft replicas)
+    # torchrun: torch.distributed workers; deepspeed: ZeRO inside them; torchft: one fault-tolerant
+    # replica group (process) per worker, DiLoCo rounds committed by a torchft Lighthouse quorum
+    engine: Literal["torchrun", "deepspeed", "torchft"] = "torchrun"
     zero_stage: Annotated[StrictInt, Field(ge=0, le=3)] = 2   # with engine: deepspeed
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     diloco: DiLoCoCfg = DiLoCoCfg()
     demo: DeMoCfg = DeMoCfg()
+    torchft: TorchFTCfg = TorchFTCfg()
+    nodes: NodesCfg = NodesCfg()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.engine == "torchft" and self.mode != "diloco":
+            raise ValueError(f"engine torchft trains DiLoCo rounds: mode must be diloco, not {self.mode!r}")
+        if self.engine == "torchft" and self.nodes.nnodes > 1:
+            raise ValueError("engine torchft does not use nodes: start `omp pretrain --replica-ids ...` on each "
+                             "host against one Lighthouse (see README)")
+        if self.nodes.world_size_per_node(self.world_size) is None:
+            raise ValueError(f"world_size {self.world_size} does not split over nodes.nnodes {self.nodes.nnodes}")
+        if self.nodes.hostfile is not None and self.engine != "deepspeed":
+            raise ValueError("nodes.hostfile is for engine deepspeed (torchrun uses nodes.rdzv_endpoint)")
+        return self
 
 
 # --- post-training (pipeline/posttrain.py)
@@ -558,7 +610,10 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
 
 # Keys that choose where the data stages run, never what they write (tests/test_data_executor.py):
 # left out of recipe_sha256, so a run on Ray has the recipe hash of the same run in one process.
-EXECUTION_ONLY = {"data": ("executor", "workers", "ray_address", "unit_docs")}
+# Likewise where and how training processes are launched (machines, rendezvous, Lighthouse address,
+# torchft timeouts): the same recipe run on one host or two has one hash.
+EXECUTION_ONLY = {"data": ("executor", "workers", "ray_address", "unit_docs"),
+                  "pretrain.distributed": ("nodes", "torchft")}
 
 
 def recipe_sha256(recipe: Recipe) -> str:
@@ -566,8 +621,11 @@ def recipe_sha256(recipe: Recipe) -> str:
     and of the EXECUTION_ONLY keys."""
     full = recipe_dict(recipe)
     for section, keys in EXECUTION_ONLY.items():
+        node = full
+        for part in section.split("."):
+            node = node[part]
         for key in keys:
-            full[section].pop(key, None)
+            node.pop(key, None)
     return sha256_bytes(canonical_json(full).encode())
 
 

@@ -42,6 +42,11 @@ def test_trainer_runs_diloco_int4_on_two_workers(micro_data, copy_workdir):
     # 4 outer syncs, each an int4 message (packed payload + fp32 scale per 64) and nothing else
     assert m["comm"]["by_kind"] == {"pseudo_grad": 4 * message_nbytes(m["params"], "int4", 64)}
     assert m["val_loss_final"] < m["val_loss_initial"] - 1.0
+    # the byte ledger splits them: packed int4 levels (two per byte) and one fp32 scale per block
+    blocks = -(-m["params"] // 64)
+    ledger = {"all_gather/pseudo_grad/payload": {"bytes": 4 * blocks * 32, "calls": 4},
+              "all_gather/pseudo_grad/scales": {"bytes": 4 * blocks * 4, "calls": 4}}
+    assert m["byte_ledger"] == ledger
 
     # every outer sync (H=10) wrote a checkpoint holding the agreed global state
     root = work / "artifacts/pretrain/checkpoints"
@@ -51,10 +56,16 @@ def test_trainer_runs_diloco_int4_on_two_workers(micro_data, copy_workdir):
     assert st["step"] == 30 and st["strategy"]["step"] == 30 and st["strategy"]["syncs"] == 3
     fr = st["strategy"]["fragments"][0]
     assert fr["global"].numel() == m["params"] and fr["residual"].abs().sum() > 0   # int4 error feedback
-    # a restart from the sync at step 30 ends with the uninterrupted run's weights, bit for bit
+    # each checkpoint carries the ledger up to its step (in its sha256 manifest)
+    at30 = read_json(root / "step-0000030/ledger.json")
+    assert at30["ledger"]["all_gather/pseudo_grad/scales"] == {"bytes": 3 * blocks * 4, "calls": 3}
+    assert "ledger.json" in read_json(root / "step-0000030/manifest.json")["files"]
+    # a restart from the sync at step 30 ends with the uninterrupted run's weights, bit for bit,
+    # and the same ledger (carried over from the checkpoint)
     final = sha256_file(work / "artifacts/pretrain/final/model.safetensors")
-    pretrain_with(work, "micro_diloco", RECIPE, "--resume", str(root / "step-0000030"))
+    m2 = pretrain_with(work, "micro_diloco", RECIPE, "--resume", str(root / "step-0000030"))
     assert sha256_file(work / "artifacts/pretrain/final/model.safetensors") == final
+    assert m2["byte_ledger"] == ledger
 
 
 DEMO = """base: micro.yaml

@@ -41,6 +41,11 @@ class Packed:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.payload, self.scales, self.indices) if t is not None]
 
+    def parts(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of what is sent, in the order of tensors(): payload, scales, indices."""
+        return [(n, t) for n, t in (("payload", self.payload), ("scales", self.scales),
+                                    ("indices", self.indices)) if t is not None]
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())

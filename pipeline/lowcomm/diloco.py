@@ -150,7 +150,7 @@ class DiLoCoStrategy(Strategy):
 
     def _compressed_mean(self, ef: ErrorFeedback, delta: torch.Tensor) -> torch.Tensor:
         packed, _ = ef.compress(delta, self.c.kind, self.c.block_size, self.c.topk_fraction)
-        gathered = [self.comm.all_gather(t, tag="pseudo_grad") for t in packed.tensors()]
+        gathered = [self.comm.all_gather(t, tag="pseudo_grad", part=name) for name, t in packed.parts()]
         total = torch.zeros_like(delta)
         for w in range(self.comm.world_size):
             parts = iter(g[w] for g in gathered)

@@ -89,15 +89,16 @@ class ManagerComm(Comm):
         self.world_size = self.manager.num_participants()
         self.rank = rank
 
-    def all_reduce(self, t: torch.Tensor, op: str = "sum", tag: str = "all_reduce") -> torch.Tensor:
-        self._count(tag, self.nbytes(t))
+    def all_reduce(self, t: torch.Tensor, op: str = "sum", tag: str = "all_reduce",
+                   part: str = "payload") -> torch.Tensor:
+        self._count(tag, self.nbytes(t), "all_reduce", part)
         work = self.manager.allreduce(t, reduce_op=ReduceOp.AVG if op == "avg" else ReduceOp.SUM)
         if not work.wait():
             self.failed_collectives += 1
         return t
 
-    def all_gather(self, t: torch.Tensor, tag: str = "all_gather") -> list[torch.Tensor]:
-        self._count(tag, self.nbytes(t))
+    def all_gather(self, t: torch.Tensor, tag: str = "all_gather", part: str = "payload") -> list[torch.Tensor]:
+        self._count(tag, self.nbytes(t), "all_gather", part)
         out = [torch.zeros_like(t) for _ in range(self.world_size)]
         if self.manager.errored() is not None:
             return out                      # the round is already lost: skip the wire
