@@ -109,6 +109,8 @@ def launch(recipe: Recipe, out_dir: Path, resume: str, dirs, replica_ids: list[i
     ctl.mkdir(parents=True, exist_ok=True)
     (out_dir / ".exit.json").unlink(missing_ok=True)
     address = lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE") or ft.lighthouse
+    # torchft logs every quorum tick at info level; keep warnings and errors (RUST_LOG=info: all of it)
+    os.environ.setdefault("RUST_LOG", "warn")
     server = None
     if address is None:
         server = start_lighthouse("[::]:0", ft.min_replicas, ft.join_timeout_ms, ft.heartbeat_timeout_ms)
