@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pretrain" and args.replica_ids is not None and \
             "0" not in [x.strip() for x in args.replica_ids.split(",")]:
         args.lock = None   # torchft replicas joining a job whose replica 0 (and outputs) run elsewhere
+    if args.command == "pretrain" and args.node_rank:
+        args.lock = None   # another node of this torchrun job (node 0 holds the lock on a shared folder)
     try:
         if getattr(args, "lock", None):
             from pipeline.lock import output_lock
