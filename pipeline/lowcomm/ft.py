@@ -189,15 +189,21 @@ def make_manager(replica_id: str, lighthouse_addr: str, replica: ReplicaState, m
 
     Returns (manager, pg, store); keep the store alive as long as the manager.
     `replica_id` should end in the replica index (torchft derives a global rank from its digits).
+    The store listens on every interface and is advertised to the quorum under this host's name
+    (OMP_FT_HOST overrides it), as torchft's Manager server is: peers on other hosts connect to it.
     """
+    import os
+    import socket
+
     from torchft import Manager, ProcessGroupGloo
 
     timeout = timedelta(seconds=timeout_seconds)
+    host = os.environ.get("OMP_FT_HOST") or socket.gethostname()
     store = dist.TCPStore("localhost", 0, is_master=True, wait_for_workers=False)
     pg = ProcessGroupGloo(timeout=timeout)
     manager = Manager(pg=pg, min_replica_size=min_replicas, use_async_quorum=False,
                       load_state_dict=replica.load_state_dict, state_dict=replica.state_dict,
-                      replica_id=replica_id, store_addr="localhost", store_port=store.port, rank=0,
+                      replica_id=replica_id, store_addr=host, store_port=store.port, rank=0, hostname=host,
                       world_size=1, lighthouse_addr=lighthouse_addr, timeout=timeout,
                       quorum_timeout=timedelta(seconds=quorum_timeout_seconds),
                       connect_timeout=timeout, init_sync=False,
