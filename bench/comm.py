@@ -25,6 +25,7 @@ Writes artifacts/bench/comm.json ({"runs": [...]}), comm.md (table) and comm.png
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -218,6 +219,10 @@ def parity_plan(comm, args) -> list[dict]:
             if comm.rank == 0:
                 print(f"seed {seed} {label:34s} bytes/worker {row['bytes_per_worker']:>14,d}  "
                       f"val {row['val_loss']:.4f}  {row['wall_s']:.0f}s", flush=True)
+                # each finished run at once: a long benchmark cut short still reports (--report-only)
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                with open(Path(args.out) / "comm_parity.runs.jsonl", "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
             out.append(row)
     return out
 
@@ -314,8 +319,16 @@ def main() -> None:
     g.add_argument("--outer-momentum", type=float, default=0.0)
     g.add_argument("--hidden", type=int, default=96, help="model width (a smaller model makes long CPU runs cheap)")
     g.add_argument("--layers", type=int, default=2)
+    g.add_argument("--report-only", action="store_true",
+                   help="write the parity table and curve from the runs finished so far (comm_parity.runs.jsonl)")
     args = p.parse_args()
+    if args.report_only:
+        runs = [json.loads(line) for line in open(Path(args.out) / "comm_parity.runs.jsonl")]
+        seeds = {r["seed"] for r in runs if r["spec"] == "ddp"}
+        parity_outputs(Path(args.out), [r for r in runs if r["seed"] in seeds], args)
+        return
     if args.parity:
+        (Path(args.out) / "comm_parity.runs.jsonl").unlink(missing_ok=True)
         parity_outputs(Path(args.out), spawn(parity_plan, args.workers, args)[0], args)
         return
     runs = spawn(plan, args.workers, args)[0]
