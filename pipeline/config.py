@@ -214,9 +214,18 @@ class BlendCfg(Strict):
 
 
 class OuterCompressionCfg(Strict):
-    kind: Literal["none", "fp16", "int8", "int4", "sign"] = "none"   # sign: 1 bit + a scale per block
+    # sign: 1 bit + a scale per block; int2: 2 bits, levels +-1/+-3 x scale (SparseLoCo's, for top-k values)
+    kind: Literal["none", "fp16", "int8", "int4", "int2", "sign"] = "none"
     block_size: PosInt = 64          # elements per quantization block (one scale each)
     topk_fraction: Annotated[Float, Field(gt=0, le=1)] | None = None  # keep this fraction of entries
+    # chunked top-k: keep ceil(chunk * fraction) per chunk, positions as int16 offsets (2 bytes, not 4)
+    topk_chunk: Annotated[StrictInt, Field(ge=1, le=32768)] | None = None
+
+    @model_validator(mode="after")
+    def _chunk_needs_a_fraction(self):
+        if self.topk_chunk is not None and self.topk_fraction is None:
+            raise ValueError("topk_chunk needs topk_fraction (the fraction kept in each chunk)")
+        return self
     error_feedback: StrictBool = True      # add the residual to the next pseudo-gradient
 
 

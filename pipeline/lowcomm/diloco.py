@@ -149,14 +149,18 @@ class DiLoCoStrategy(Strategy):
         self.state["syncs"] += 1
 
     def _compressed_mean(self, ef: ErrorFeedback, delta: torch.Tensor) -> torch.Tensor:
-        packed, _ = ef.compress(delta, self.c.kind, self.c.block_size, self.c.topk_fraction)
-        gathered = [self.comm.all_gather(t, tag="pseudo_grad", part=name) for name, t in packed.parts()]
+        packed, _ = ef.compress(delta, self.c.kind, self.c.block_size, self.c.topk_fraction, self.c.topk_chunk)
+        # sent as raw bytes (the same count), so every dtype (int16 offsets too) crosses any backend;
+        # each part (payload, scales, indices) under its own name in the byte ledger
+        gathered = [[g.view(t.dtype) for g in self.comm.all_gather(t.view(torch.uint8), tag="pseudo_grad", part=name)]
+                    for name, t in packed.parts()]
         total = torch.zeros_like(delta)
         for w in range(self.comm.world_size):
             parts = iter(g[w] for g in gathered)
             msg = type(packed)(packed.kind, packed.numel, next(parts),
                                next(parts) if packed.scales is not None else None,
-                               next(parts) if packed.indices is not None else None)
+                               next(parts) if packed.indices is not None else None,
+                               packed.chunk, packed.per_chunk)
             total += decompress(msg, self.c.block_size)
         return total / self.comm.world_size
 
