@@ -58,6 +58,15 @@ class Comm:
         self.calls = 0
         self.by_kind: dict[str, int] = defaultdict(int)
         self.entries: dict[str, list[int]] = {}    # "collective/tag/part" -> [bytes, calls]
+        self.parent: Comm | None = None
+        self.scope = ""
+
+    def scoped(self, group, scope: str) -> "Comm":
+        """A Comm on `group` whose bytes are also counted here, ledger keys prefixed `scope:`
+        (islands: intra_island / inter_island)."""
+        child = Comm(group)
+        child.parent, child.scope = self, scope
+        return child
 
     def count(self, kind: str, nbytes: int, collective: str = "all_reduce", part: str = "payload") -> None:
         """Count bytes a worker would send without a collective (world size 1)."""
@@ -70,6 +79,8 @@ class Comm:
         e = self.entries.setdefault(f"{collective}/{kind}/{part}", [0, 0])
         e[0] += nbytes
         e[1] += 1
+        if self.parent is not None:
+            self.parent._count(kind, nbytes, f"{self.scope}:{collective}", part)
 
     def ledger(self) -> dict:
         """Bytes this worker sent, by collective/tag/part, with the number of calls of each."""

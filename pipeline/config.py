@@ -297,6 +297,10 @@ class DistributedCfg(Strict):
     demo: DeMoCfg = DeMoCfg()
     torchft: TorchFTCfg = TorchFTCfg()
     nodes: NodesCfg = NodesCfg()
+    # hybrid layout (mode diloco, engine torchrun): world_size/islands workers per island train data
+    # parallel (a gradient all-reduce every step inside the island), DiLoCo across the islands.
+    # Left out of the resolved recipe at its default, so recipes without it keep their hash.
+    islands: PosInt = Field(1, exclude_if=lambda v: v == 1)
 
     @model_validator(mode="after")
     def _check(self):
@@ -309,6 +313,12 @@ class DistributedCfg(Strict):
             raise ValueError(f"world_size {self.world_size} does not split over nodes.nnodes {self.nodes.nnodes}")
         if self.nodes.hostfile is not None and self.engine != "deepspeed":
             raise ValueError("nodes.hostfile is for engine deepspeed (torchrun uses nodes.rdzv_endpoint)")
+        if self.islands > 1:
+            if self.mode != "diloco" or self.engine != "torchrun":
+                raise ValueError(f"islands > 1 is DDP inside islands and DiLoCo across them: it needs mode "
+                                 f"diloco and engine torchrun (got {self.mode}, {self.engine})")
+            if self.world_size % self.islands:
+                raise ValueError(f"world_size {self.world_size} does not split into {self.islands} islands")
         return self
 
 

@@ -479,6 +479,11 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
         "bytes_sent_per_worker": engine.bytes_sent_per_worker(), "comm": engine.comm.stats(),
         "byte_ledger": engine.comm.ledger() if engine.bytes_sent_per_worker() is not None else None,
     }
+    if cfg.distributed.islands > 1:   # hybrid layout: the traffic inside islands and across them apart
+        ledger = engine.comm.ledger()
+        metrics["islands"] = {"islands": cfg.distributed.islands, **{
+            f"{scope}_bytes_per_worker": sum(v["bytes"] for k, v in ledger.items() if k.startswith(f"{scope}:"))
+            for scope in ("intra_island", "inter_island", "global")}}
     if ctx.rank == 0:
         from pipeline.pretrain import outputs
         metrics = outputs.write(recipe, out_dir, final, history, metrics, dirs, lineage, parent, speeds)
