@@ -91,3 +91,20 @@ def test_two_nodes_on_one_host_equal_one_node(micro_data, copy_workdir):
     m = read_json(work / "artifacts/pretrain/metrics.json")
     assert m["world_size"] == 2 and m["steps"] == 10
     assert sha256_file(work / "artifacts/pretrain/final/model.safetensors") == one
+
+
+def test_torchft_layout_errors(tmp_path, monkeypatch):
+    from pipeline.errors import PipelineError
+    from pipeline.pretrain import ft
+
+    monkeypatch.delenv("TORCHFT_LIGHTHOUSE", raising=False)
+    r = load_recipe(MICRO, overrides={"pretrain": {"distributed": {"mode": "diloco", "engine": "torchft",
+                                                                    "world_size": 2}}}, check_files=False)
+    with pytest.raises(PipelineError, match="each must be in 0..1"):
+        ft.launch(r, tmp_path / "out", "none", DataDirs(), [2])
+    with pytest.raises(PipelineError, match="name its Lighthouse"):
+        ft.launch(r, tmp_path / "out", "none", DataDirs(), [1])
+    r3 = load_recipe(MICRO, overrides={"pretrain": {"distributed": {"mode": "diloco", "engine": "torchft",
+                                                                     "world_size": 3}}}, check_files=False)
+    with pytest.raises(RecipeError, match="blend.global_batch_size: 8 rows do not split over 3 replicas"):
+        ft.launch(r3, tmp_path / "out", "none", DataDirs(), None)

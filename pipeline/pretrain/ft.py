@@ -109,6 +109,9 @@ def launch(recipe: Recipe, out_dir: Path, resume: str, dirs, replica_ids: list[i
     ctl.mkdir(parents=True, exist_ok=True)
     (out_dir / ".exit.json").unlink(missing_ok=True)
     address = lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE") or ft.lighthouse
+    if address is None and 0 not in ids:
+        raise PipelineError(f"--replica-ids {','.join(map(str, ids))} joins a job whose replica 0 runs elsewhere: "
+                            "name its Lighthouse (--lighthouse http://HOST:PORT or TORCHFT_LIGHTHOUSE)")
     # torchft logs every quorum tick at info level; keep warnings and errors (RUST_LOG=info: all of it)
     os.environ.setdefault("RUST_LOG", "warn")
     server = None
@@ -232,8 +235,9 @@ def train_replica(recipe: Recipe, out_dir: Path, resume: str, dirs, replica_id: 
     d = cfg.distributed
     where = recipe_path(recipe)
     ctx = Context()
-    if torch.cuda.is_available():
-        ctx.device = torch.device("cuda", 0)
+    if torch.cuda.is_available():   # replicas of one host spread over its GPUs
+        ctx.device = torch.device("cuda", replica_id % torch.cuda.device_count())
+        torch.cuda.set_device(ctx.device)
     ctx.autocast = ctx.device.type == "cuda" and cfg.precision != "fp32" or cfg.precision == "bf16"
     set_determinism(cfg.threads or max(1, cpu_cores() // d.world_size), ctx.device)
     order = PublishedOrder(dirs.blend, dirs.tokenize)
