@@ -182,9 +182,12 @@ def parity_plan(comm, args) -> list[dict]:
     rows = heldout(order, args.seq_len)
     vocab = max(int(max(t.max() for t in order.tokens)) + 1, 4096)
     out = []
+    done = {(r["seed"], json.dumps(r["settings"], sort_keys=True)) for r in finished_runs(args)}
     for seed in map(int, args.seeds.split(",")):
         for spec in ["ddp", *args.parity_runs.split(",")]:
             label, dist = parse_run(spec, args.outer_lr, args.outer_momentum)
+            if (seed, json.dumps(dist, sort_keys=True)) in done:   # --resume: finished earlier
+                continue
             model = build_model(vocab, seed, args.hidden, args.layers)
             shadow = build_model(vocab, seed, args.hidden, args.layers)   # the global model, for evals
             cfg = DistributedCfg.model_validate(dist)
@@ -227,11 +230,23 @@ def parity_plan(comm, args) -> list[dict]:
     return out
 
 
+def finished_runs(args) -> list[dict]:
+    """Runs already in comm_parity.runs.jsonl (--resume, --report-only), with this invocation's settings."""
+    path = Path(args.out) / "comm_parity.runs.jsonl"
+    if not path.exists():
+        return []
+    wanted = {json.dumps(parse_run(s, args.outer_lr, args.outer_momentum)[1], sort_keys=True)
+              for s in ["ddp", *args.parity_runs.split(",")]}
+    return [r for r in map(json.loads, path.read_text().splitlines())
+            if json.dumps(r["settings"], sort_keys=True) in wanted and r["steps"] == args.steps]
+
+
 def parity_outputs(out: Path, runs: list[dict], args) -> None:
     """comm_parity.json, comm_parity.md (mean and spread over seeds) and comm_parity.png (gap vs steps)."""
     out.mkdir(parents=True, exist_ok=True)
-    seeds = sorted({r["seed"] for r in runs})
     base = {r["seed"]: r for r in runs if r["spec"] == "ddp"}
+    runs = sorted((r for r in runs if r["seed"] in base), key=lambda r: (r["spec"] != "ddp", r["seed"]))
+    seeds = sorted(base)
     for r in runs:
         b = base[r["seed"]]
         r["reduction_vs_ddp"] = round(b["bytes_per_worker"] / max(r["bytes_per_worker"], 1), 1)
@@ -319,17 +334,22 @@ def main() -> None:
     g.add_argument("--outer-momentum", type=float, default=0.0)
     g.add_argument("--hidden", type=int, default=96, help="model width (a smaller model makes long CPU runs cheap)")
     g.add_argument("--layers", type=int, default=2)
+    g.add_argument("--resume", action="store_true",
+                   help="keep comm_parity.runs.jsonl and skip the runs (seed, settings) it already holds")
     g.add_argument("--report-only", action="store_true",
                    help="write the parity table and curve from the runs finished so far (comm_parity.runs.jsonl)")
     args = p.parse_args()
     if args.report_only:
-        runs = [json.loads(line) for line in open(Path(args.out) / "comm_parity.runs.jsonl")]
+        runs = finished_runs(args)
         seeds = {r["seed"] for r in runs if r["spec"] == "ddp"}
         parity_outputs(Path(args.out), [r for r in runs if r["seed"] in seeds], args)
         return
     if args.parity:
-        (Path(args.out) / "comm_parity.runs.jsonl").unlink(missing_ok=True)
-        parity_outputs(Path(args.out), spawn(parity_plan, args.workers, args)[0], args)
+        if not args.resume:
+            (Path(args.out) / "comm_parity.runs.jsonl").unlink(missing_ok=True)
+        runs = finished_runs(args) if args.resume else []
+        runs += spawn(parity_plan, args.workers, args)[0]
+        parity_outputs(Path(args.out), runs, args)
         return
     runs = spawn(plan, args.workers, args)[0]
     write_outputs(Path(args.out), runs, args)
