@@ -35,7 +35,8 @@ PPL = {"arith": ("arithmetic.jsonl", lambda r: f"Q: {r['question']}\nA: {r['answ
        "code": ("ppl_python_code.jsonl", lambda r: r["text"]),
        "docs": ("ppl_python_docs.jsonl", lambda r: r["text"])}
 
-SWEEP = [[], ["posttrain.dpo.enabled=false"], ["posttrain.lr=0.0003"], ["posttrain.steps=240"]]
+SWEEP = [[], ["posttrain.replay_examples=0"], ["posttrain.dpo.enabled=true", "posttrain.dpo.lr=0.0005"],
+         ["posttrain.steps=120"]]
 
 
 def override(assignments: list[str]) -> dict:

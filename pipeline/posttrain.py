@@ -2,6 +2,8 @@
 
 Input: `artifacts/pretrain/final/` (a Hugging Face Llama directory with the tokenizer and its ChatML
 template), the ingested sources and the recipe's `posttrain` section.
+With `posttrain.replay_examples`, rows of the published pretraining order (artifacts/blend +
+artifacts/tokenize, hashes checked) are mixed into SFT with the loss on every token (replay).
 Output `artifacts/posttrain/`: `final/` (Hugging Face model directory + lineage.json whose parent is
 the sha256 of the pretrain weights), `metrics.json` (losses, arith_em_before / arith_em_after) and
 provenance.json.
