@@ -49,7 +49,17 @@ def cmd_pretrain(args):
 
     from pipeline.checkpoint import ACCEPT
 
-    m = pretrain.run(_recipe(args), resume=args.resume + (ACCEPT if args.accept_mismatch else ""))
+    ids = None
+    if args.replica_ids is not None:
+        try:
+            ids = sorted({int(x) for x in args.replica_ids.split(",")})
+        except ValueError:
+            raise SystemExit(f"omp pretrain: --replica-ids {args.replica_ids!r}: expected integers like 0,1") from None
+    m = pretrain.run(_recipe(args), resume=args.resume + (ACCEPT if args.accept_mismatch else ""),
+                     node_rank=args.node_rank, replica_ids=ids, lighthouse=args.lighthouse)
+    if "val_loss_final" not in m:   # this host runs no rank 0 / replica 0: the outputs are written elsewhere
+        print(m.get("message", "this node's workers finished; rank 0 writes the outputs"))
+        return
     print(f"held-out loss {m['val_loss_initial']:.3f} -> {m['val_loss_final']:.3f}; "
           f"{m['tokens']:,} tokens at {m['tokens_per_s'] or 0:,.0f} tokens/s")
 
@@ -155,6 +165,13 @@ def cmd_recreate(args):
         raise SystemExit(code)
 
 
+def cmd_lighthouse(args):
+    from pipeline.pretrain import ft
+
+    ft.serve_lighthouse(args.port, args.min_replicas, args.join_timeout_ms, args.heartbeat_timeout_ms,
+                        args.address_file)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import pipeline
 
@@ -181,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = stage("pretrain", cmd_pretrain, "train the Llama model on the published order (artifacts/pretrain/)")
     sp.add_argument("--resume", default="none", metavar="none|latest|latest-valid|DIR",
                     help="continue from a checkpoint under artifacts/pretrain/checkpoints (default: start fresh)")
+    sp.add_argument("--node-rank", type=int, default=None,
+                    help="pin this machine's torchrun node rank (nodes.nnodes > 1; default: the rendezvous assigns it)")
+    sp.add_argument("--replica-ids", default=None, metavar="I,J,...",
+                    help="engine torchft: the replica groups this host runs (default: 0..world_size-1)")
+    sp.add_argument("--lighthouse", default=None, metavar="http://HOST:PORT",
+                    help="engine torchft: the Lighthouse of the job (default: pretrain.distributed.torchft."
+                         "lighthouse, $TORCHFT_LIGHTHOUSE, or one started here)")
     sp.add_argument("--accept-mismatch", action="store_true",
                     help="resume even if the checkpoint was made with another recipe or data order "
                          "(both are recorded in the lineage as resume_mismatch)")
@@ -188,6 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     stage("quantize", cmd_quantize, "int8/int4 variants, GGUF files and the perplexity report (artifacts/quantize/)")
 
     stage("evaluate", cmd_evaluate, "lm-eval on every model variant, leaderboard (artifacts/evaluate/)")
+
+    sp = sub.add_parser("lighthouse", help="run a torchft Lighthouse for `pretrain.distributed.engine: torchft` "
+                                            "replicas on several hosts (until SIGTERM / Ctrl-C)")
+    sp.add_argument("--port", type=int, default=29510, help="TCP port on every interface (default 29510; 0: any free)")
+    sp.add_argument("--min-replicas", type=int, default=1, help="replica groups a quorum needs (default 1)")
+    sp.add_argument("--join-timeout-ms", type=int, default=2000, help="wait this long for more replicas to join")
+    sp.add_argument("--heartbeat-timeout-ms", type=int, default=2000,
+                    help="a replica silent this long leaves the quorum")
+    sp.add_argument("--address-file", type=Path, default=None, help="also write the address here")
+    sp.set_defaults(fn=cmd_lighthouse)
 
     sp = sub.add_parser("leaderboard", help="variants x tasks table from evaluate results, across experiments")
     sp.add_argument("--evaluate-dir", default="artifacts/evaluate",
@@ -255,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]  # accepted before or after the subcommand
     args = build_parser().parse_args(argv)
+    if args.command == "pretrain" and args.replica_ids is not None and \
+            "0" not in [x.strip() for x in args.replica_ids.split(",")]:
+        args.lock = None   # torchft replicas joining a job whose replica 0 (and outputs) run elsewhere
+    if args.command == "pretrain" and args.node_rank:
+        args.lock = None   # another node of this torchrun job (node 0 holds the lock on a shared folder)
     try:
         if getattr(args, "lock", None):
             from pipeline.lock import output_lock

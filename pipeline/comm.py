@@ -11,6 +11,11 @@ all-reduce moves about 2×(W−1)/W of it on the wire. Compressed payloads are c
 
 With world size 1 (no process group) the collectives are identities and still count bytes, so a
 single-process run reports what one worker would send.
+
+The byte ledger (`Comm.ledger()`) splits the same bytes by collective, tag and part of the message:
+`all_gather/pseudo_grad/payload`, `.../scales`, `.../indices` for a compressed outer sync,
+`all_reduce/grad/payload` for data parallel. Its bytes add up to `bytes_sent`; the trainer writes
+it into every checkpoint (ledger.json) and metrics.json, and `omp recreate` compares it.
 """
 
 from __future__ import annotations
@@ -52,32 +57,55 @@ class Comm:
         self.bytes_sent = 0
         self.calls = 0
         self.by_kind: dict[str, int] = defaultdict(int)
+        self.entries: dict[str, list[int]] = {}    # "collective/tag/part" -> [bytes, calls]
+        self.parent: Comm | None = None
+        self.scope = ""
 
-    def count(self, kind: str, nbytes: int) -> None:
+    def scoped(self, group, scope: str) -> "Comm":
+        """A Comm on `group` whose bytes are also counted here, ledger keys prefixed `scope:`
+        (islands: intra_island / inter_island)."""
+        child = Comm(group)
+        child.parent, child.scope = self, scope
+        return child
+
+    def count(self, kind: str, nbytes: int, collective: str = "all_reduce", part: str = "payload") -> None:
         """Count bytes a worker would send without a collective (world size 1)."""
-        self._count(kind, nbytes)
+        self._count(kind, nbytes, collective, part)
 
-    def _count(self, kind: str, nbytes: int) -> None:
+    def _count(self, kind: str, nbytes: int, collective: str = "other", part: str = "payload") -> None:
         self.bytes_sent += nbytes
         self.by_kind[kind] += nbytes
         self.calls += 1
+        e = self.entries.setdefault(f"{collective}/{kind}/{part}", [0, 0])
+        e[0] += nbytes
+        e[1] += 1
+        if self.parent is not None:
+            self.parent._count(kind, nbytes, f"{self.scope}:{collective}", part)
+
+    def ledger(self) -> dict:
+        """Bytes this worker sent, by collective/tag/part, with the number of calls of each."""
+        return {k: {"bytes": b, "calls": c} for k, (b, c) in sorted(self.entries.items())}
+
+    def load_ledger(self, ledger: dict) -> None:
+        self.entries = {k: [int(v["bytes"]), int(v["calls"])] for k, v in ledger.items()}
 
     @staticmethod
     def nbytes(t: torch.Tensor) -> int:
         return t.numel() * t.element_size()
 
-    def all_reduce(self, t: torch.Tensor, op: str = "sum", tag: str = "all_reduce") -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor, op: str = "sum", tag: str = "all_reduce",
+                   part: str = "payload") -> torch.Tensor:
         """In place. op: 'sum' or 'avg' (avg = sum / world_size, done here so gloo supports it)."""
-        self._count(tag, self.nbytes(t))
+        self._count(tag, self.nbytes(t), "all_reduce", part)
         if self.distributed and self.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         if op == "avg" and self.world_size > 1:
             t.div_(self.world_size)
         return t
 
-    def all_gather(self, t: torch.Tensor, tag: str = "all_gather") -> list[torch.Tensor]:
+    def all_gather(self, t: torch.Tensor, tag: str = "all_gather", part: str = "payload") -> list[torch.Tensor]:
         """Every worker's `t` (same shape and dtype on all workers), in rank order."""
-        self._count(tag, self.nbytes(t))
+        self._count(tag, self.nbytes(t), "all_gather", part)
         if not (self.distributed and self.world_size > 1):
             return [t.clone()]
         out = [torch.empty_like(t) for _ in range(self.world_size)]
@@ -86,7 +114,7 @@ class Comm:
 
     def broadcast(self, t: torch.Tensor, src: int = 0, tag: str = "broadcast") -> torch.Tensor:
         if self.rank == src:
-            self._count(tag, self.nbytes(t))
+            self._count(tag, self.nbytes(t), "broadcast")
         if self.distributed and self.world_size > 1:
             dist.broadcast(t, src=src, group=self.group)
         return t

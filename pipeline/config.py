@@ -11,6 +11,7 @@ is loaded first and the recipe's keys are merged over it, section by section.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -213,9 +214,18 @@ class BlendCfg(Strict):
 
 
 class OuterCompressionCfg(Strict):
-    kind: Literal["none", "fp16", "int8", "int4", "sign"] = "none"   # sign: 1 bit + a scale per block
+    # sign: 1 bit + a scale per block; int2: 2 bits, levels +-1/+-3 x scale (SparseLoCo's, for top-k values)
+    kind: Literal["none", "fp16", "int8", "int4", "int2", "sign"] = "none"
     block_size: PosInt = 64          # elements per quantization block (one scale each)
     topk_fraction: Annotated[Float, Field(gt=0, le=1)] | None = None  # keep this fraction of entries
+    # chunked top-k: keep ceil(chunk * fraction) per chunk, positions as int16 offsets (2 bytes, not 4)
+    topk_chunk: Annotated[StrictInt, Field(ge=1, le=32768)] | None = None
+
+    @model_validator(mode="after")
+    def _chunk_needs_a_fraction(self):
+        if self.topk_chunk is not None and self.topk_fraction is None:
+            raise ValueError("topk_chunk needs topk_fraction (the fraction kept in each chunk)")
+        return self
     error_feedback: StrictBool = True      # add the residual to the next pseudo-gradient
 
 
@@ -241,14 +251,75 @@ class DeMoCfg(Strict):
     sign: StrictBool = True                # apply sign of the decoded update (as in the paper)
 
 
+class TorchFTCfg(Strict):
+    """engine torchft: where the Lighthouse is and how long torchft waits (execution only: not hashed)."""
+    # http://host:port of a Lighthouse started by `omp lighthouse` (None: `omp pretrain` starts its own
+    # on this host; the env var TORCHFT_LIGHTHOUSE, torchft's own, overrides both)
+    lighthouse: str | None = None
+    min_replicas: PosInt = 1         # a round needs at least this many replica groups
+    timeout_seconds: Annotated[Float, Field(gt=0)] = 10.0          # collectives and heal transfers
+    quorum_timeout_seconds: Annotated[Float, Field(gt=0)] = 60.0   # waiting for the next quorum
+    heartbeat_timeout_ms: PosInt = 2000   # the Lighthouse it starts: a silent replica leaves the quorum after this
+    join_timeout_ms: PosInt = 2000        # ... and waits this long for more replicas to join a quorum
+    max_restarts: NonNegInt = 3      # `omp pretrain` restarts a replica that died, this many times each
+
+
+class NodesCfg(Strict):
+    """Several machines (execution only: not hashed). torchrun's c10d rendezvous assigns node ranks;
+    engine deepspeed may use DeepSpeed's own launcher with a hostfile instead."""
+    nnodes: PosInt = 1               # machines; world_size is the total number of workers over all of them
+    rdzv_endpoint: str | None = None  # host:port every node reaches (torchrun --rdzv-endpoint); needed if nnodes > 1
+    rdzv_id: SafeName = "omp"        # names the job at the rendezvous (the same on every node)
+    hostfile: str | None = None      # engine deepspeed: launch with `deepspeed --hostfile` (pdsh/ssh) instead of torchrun
+    master_port: Annotated[StrictInt, Field(ge=1, le=65535)] = 29500   # with hostfile: DeepSpeed's master port
+
+    def world_size_per_node(self, world_size: int) -> int | None:
+        return world_size // self.nnodes if world_size % self.nnodes == 0 else None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.nnodes > 1 and self.rdzv_endpoint is None and self.hostfile is None:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of the rendezvous) or hostfile")
+        if self.rdzv_endpoint is not None and not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+:\d{1,5}", self.rdzv_endpoint):
+            raise ValueError(f"rdzv_endpoint {self.rdzv_endpoint!r} is not host:port")
+        return self
+
+
 class DistributedCfg(Strict):
     mode: Literal["ddp", "diloco", "demo"] = "ddp"
-    world_size: PosInt = 1           # 1 runs in-process; >1 launches torchrun (or deepspeed)
-    engine: Literal["torchrun", "deepspeed"] = "torchrun"
+    world_size: PosInt = 1           # 1 runs in-process; >1 launches torchrun (or deepspeed, or torchft replicas)
+    # torchrun: torch.distributed workers; deepspeed: ZeRO inside them; torchft: one fault-tolerant
+    # replica group (process) per worker, DiLoCo rounds committed by a torchft Lighthouse quorum
+    engine: Literal["torchrun", "deepspeed", "torchft"] = "torchrun"
     zero_stage: Annotated[StrictInt, Field(ge=0, le=3)] = 2   # with engine: deepspeed
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     diloco: DiLoCoCfg = DiLoCoCfg()
     demo: DeMoCfg = DeMoCfg()
+    torchft: TorchFTCfg = TorchFTCfg()
+    nodes: NodesCfg = NodesCfg()
+    # hybrid layout (mode diloco, engine torchrun): world_size/islands workers per island train data
+    # parallel (a gradient all-reduce every step inside the island), DiLoCo across the islands.
+    # Left out of the resolved recipe at its default, so recipes without it keep their hash.
+    islands: PosInt = Field(1, exclude_if=lambda v: v == 1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.engine == "torchft" and self.mode != "diloco":
+            raise ValueError(f"engine torchft trains DiLoCo rounds: mode must be diloco, not {self.mode!r}")
+        if self.engine == "torchft" and self.nodes.nnodes > 1:
+            raise ValueError("engine torchft does not use nodes: start `omp pretrain --replica-ids ...` on each "
+                             "host against one Lighthouse (see README)")
+        if self.nodes.world_size_per_node(self.world_size) is None:
+            raise ValueError(f"world_size {self.world_size} does not split over nodes.nnodes {self.nodes.nnodes}")
+        if self.nodes.hostfile is not None and self.engine != "deepspeed":
+            raise ValueError("nodes.hostfile is for engine deepspeed (torchrun uses nodes.rdzv_endpoint)")
+        if self.islands > 1:
+            if self.mode != "diloco" or self.engine != "torchrun":
+                raise ValueError(f"islands > 1 is DDP inside islands and DiLoCo across them: it needs mode "
+                                 f"diloco and engine torchrun (got {self.mode}, {self.engine})")
+            if self.world_size % self.islands:
+                raise ValueError(f"world_size {self.world_size} does not split into {self.islands} islands")
+        return self
 
 
 # --- post-training (pipeline/posttrain.py)
@@ -561,7 +632,10 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
 
 # Keys that choose where the data stages run, never what they write (tests/test_data_executor.py):
 # left out of recipe_sha256, so a run on Ray has the recipe hash of the same run in one process.
-EXECUTION_ONLY = {"data": ("executor", "workers", "ray_address", "unit_docs")}
+# Likewise where and how training processes are launched (machines, rendezvous, Lighthouse address,
+# torchft timeouts): the same recipe run on one host or two has one hash.
+EXECUTION_ONLY = {"data": ("executor", "workers", "ray_address", "unit_docs"),
+                  "pretrain.distributed": ("nodes", "torchft")}
 
 
 def recipe_sha256(recipe: Recipe) -> str:
@@ -569,8 +643,11 @@ def recipe_sha256(recipe: Recipe) -> str:
     and of the EXECUTION_ONLY keys."""
     full = recipe_dict(recipe)
     for section, keys in EXECUTION_ONLY.items():
+        node = full
+        for part in section.split("."):
+            node = node[part]
         for key in keys:
-            full[section].pop(key, None)
+            node.pop(key, None)
     return sha256_bytes(canonical_json(full).encode())
 
 

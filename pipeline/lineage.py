@@ -115,7 +115,10 @@ def chain_lineage(recipe: Recipe, artifacts: Path = Path("artifacts")) -> dict:
     if pre_sha:
         pre_lin = artifacts / "pretrain" / "final" / "lineage.json"
         parent = read_json(pre_lin).get("parent_checkpoint") if pre_lin.is_file() else None
-        checkpoints.append({"stage": "pretrain", "name": "pretrain", "sha256": pre_sha, "parent": parent})
+        metrics = artifacts / "pretrain" / "metrics.json"
+        ledger = read_json(metrics).get("byte_ledger") if metrics.is_file() else None
+        checkpoints.append({"stage": "pretrain", "name": "pretrain", "sha256": pre_sha, "parent": parent,
+                            "byte_ledger": ledger})
     post = artifacts / "posttrain" / "final" / "model.safetensors"
     post_sha = sha256_file(post) if post.is_file() else None
     if post_sha:

@@ -319,5 +319,22 @@ def _recreate(lineage: dict, release: Path, wd: Path, until: str, tolerance: flo
             continue
         _run_stage(stage, wd)
     ok, lines = compare_release(lineage, release, wd, until, tolerance)
-    print("\n".join(lines))
-    return ok
+    ledger_ok, ledger_lines = compare_ledger(lineage, wd)
+    print("\n".join(lines + ledger_lines))
+    return ok and ledger_ok
+
+
+def compare_ledger(lineage: dict, wd: Path) -> tuple[bool, list[str]]:
+    """The pretrain byte ledger (bytes per worker by collective/tag/part) of the lineage against the
+    rebuilt run's metrics.json: a recreation that sent other bytes is named entry by entry."""
+    pre = next((c for c in lineage.get("checkpoints", []) if c.get("stage") == "pretrain"), None)
+    metrics = wd / "artifacts/pretrain/metrics.json"
+    if pre is None or pre.get("byte_ledger") is None or not metrics.is_file():
+        return True, ["byte ledger: not recorded in the lineage (or pretrain not rebuilt), not compared"]
+    published, rebuilt = pre["byte_ledger"], read_json(metrics).get("byte_ledger") or {}
+    diffs = [f"  {k}: published {published.get(k)}, rebuilt {rebuilt.get(k)}"
+             for k in sorted(set(published) | set(rebuilt)) if published.get(k) != rebuilt.get(k)]
+    if diffs:
+        return False, ["byte ledger DIFFERS from the published one:", *diffs]
+    total = sum(v["bytes"] for v in published.values())
+    return True, [f"byte ledger: equal ({len(published)} entries, {total} bytes per worker)"]

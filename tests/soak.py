@@ -31,6 +31,8 @@ MULTI_PROCESS = [
     "tests/test_lowcomm_torchft.py::test_sigkilled_worker_does_not_stop_the_run_and_heals_when_restarted",
     "tests/test_lowcomm_torchft.py::test_late_joiner_heals_from_a_peer_and_trains_on",
     "tests/test_lowcomm_torchft.py::test_one_replica_on_torchft_equals_plain_diloco",
+    "tests/test_pretrain_torchft.py",
+    "tests/test_multinode.py::test_two_nodes_on_one_host_equal_one_node",
     "tests/test_lowcomm_elastic.py",
     "tests/test_lowcomm_trainer.py",
     "tests/test_comm.py",

@@ -19,6 +19,8 @@ def _all_modes(comm):
         "diloco-int8": dist_cfg("diloco", inner_steps=4, compression={"kind": "int8", "block_size": 64}),
         "diloco-int4-top10": dist_cfg("diloco", inner_steps=3, warmup_sync_steps=3,
                                       compression={"kind": "int4", "block_size": 32, "topk_fraction": 0.1}),
+        "sparseloco": dist_cfg("diloco", inner_steps=4, compression={
+            "kind": "int2", "block_size": 64, "topk_fraction": 0.05, "topk_chunk": 128}),
         "demo": dist_cfg("demo"),
     }
     out = {}
@@ -40,9 +42,13 @@ def test_bytes_sent_equal_the_analytic_count_for_every_mode():
         "diloco-int8": (STEPS // 4) * (math.ceil(n / 64) * 64 + math.ceil(n / 64) * 4),
         # 3 ddp warm-up steps, then 3 syncs of top-10% int4 (payload + scales + int32 positions)
         "diloco-int4-top10": 3 * n * 4 + 3 * message_nbytes(n, "int4", 32, 0.1),
+        # 5% of every 128-entry chunk, 2-bit values + fp32 scale per 64 kept + int16 in-chunk offsets
+        "sparseloco": (STEPS // 4) * message_nbytes(n, "int2", 64, 0.05, 128),
         "demo": STEPS * demo_bytes_per_step(numels, 16, 4),
     }
     for rank in spawn(_all_modes, 2):
         assert rank == expected
     # int8 + fp32 scales per 64: ~3.6x fewer bytes than fp32 here (676 params: the last block is padded)
     assert expected["diloco-int8"] < expected["diloco"] / 3.5
+    k = 6 * 7    # 676 = 5 chunks of 128 + one of 36: ceil(128 * 5%) = 7 kept in each
+    assert expected["sparseloco"] == (STEPS // 4) * (math.ceil(k / 4) + 4 + 2 * k)

@@ -27,6 +27,8 @@ CASES = [
     ("zero-batch", "name: x\nblend:\n  global_batch_size: 0\n", None, "blend.global_batch_size"),
     ("negative-tokens", "name: x\nblend:\n  tokens: -5\n", None, "blend.tokens"),
     ("tiny-vocab", "name: x\ntokenizer:\n  vocab_size: 10\n", None, "tokenizer.vocab_size"),
+    ("topk-chunk-alone", "name: x\npretrain:\n  distributed:\n    mode: diloco\n    diloco: {compression: {kind: int2, topk_chunk: 64}}\n",
+     None, "pretrain.distributed.diloco.compression: Value error, topk_chunk needs topk_fraction"),
     ("missing-name", "seed: 3\n", None, "name: Field required"),
     ("missing-manifest", "name: x\ndata:\n  manifest: data_manifests/nope.yaml\n", None, "data.manifest"),
     ("yaml-syntax", "name: x\nblend: [unclosed\n", None, "not valid YAML"),

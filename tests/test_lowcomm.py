@@ -91,10 +91,10 @@ def test_blockwise_quantization_error_is_within_half_a_level(kind, levels):
 
 def test_fp16_and_packed_sizes_match_the_analytic_count():
     x = torch.randn(777)
-    for kind in ["none", "fp16", "int8", "int4", "sign"]:
-        for frac in [None, 0.1]:
-            p = compress(x, kind, 32, frac)
-            assert p.nbytes == message_nbytes(777, kind, 32, frac), (kind, frac)
+    for kind in ["none", "fp16", "int8", "int4", "int2", "sign"]:
+        for frac, chunk in [(None, None), (0.1, None), (0.02, 100), (0.3, 64)]:
+            p = compress(x, kind, 32, frac, chunk)
+            assert p.nbytes == message_nbytes(777, kind, 32, frac, chunk), (kind, frac, chunk)
             y = decompress(p, 32)
             assert y.shape == x.shape
     assert message_nbytes(1024, "int4", 64) == 512 + 16 * 4          # payload + fp32 scales
@@ -113,6 +113,28 @@ def test_sign_keeps_signs_and_block_mean_magnitude():
         assert torch.allclose(yb.abs(), xb.abs().mean().expand_as(yb), rtol=1e-6)
         # the scaled sign is a contraction: it never moves further from x than zero does
         assert float((yb - xb).norm()) <= float(xb.norm()) * (1 + 1e-6)
+
+
+def test_int2_rounds_to_the_nearest_of_four_levels():
+    x = torch.tensor([3.0, 2.1, 1.9, 0.2, -0.2, -1.9, -2.1, -3.0, 1.0])   # one block, absmax 3 -> scale 1
+    payload, scales = quantize_blockwise(x, "int2", 64)
+    assert payload.dtype == torch.uint8 and payload.numel() == 3 and scales.tolist() == [1.0]
+    y = dequantize_blockwise(payload, scales, "int2", x.numel(), 64)
+    assert y.tolist() == [3.0, 3.0, 1.0, 1.0, -1.0, -1.0, -3.0, -3.0, 1.0]
+    assert message_nbytes(1024, "int2", 64) == 256 + 16 * 4            # two bits each + fp32 scales
+
+
+def test_chunked_topk_keeps_each_chunks_largest_and_breaks_ties_by_position():
+    x = torch.tensor([0.1, -5.0, 0.2, 3.0,    1.0, 1.0, -1.0, 1.0,    7.0, 0.5])   # chunks of 4: 4, 4, 2
+    p = compress(x, "none", 64, topk_fraction=0.5, topk_chunk=4)
+    assert p.indices.dtype == torch.int16 and p.indices.tolist() == [1, 3, 0, 1, 0, 1]   # in-chunk offsets
+    assert p.nbytes == 6 * 4 + 6 * 2 == message_nbytes(10, "none", 64, 0.5, 4)
+    y = decompress(p, 64)
+    assert y.tolist() == [0.0, -5.0, 0.0, 3.0, 1.0, 1.0, 0.0, 0.0, 7.0, 0.5]
+    # the same input gives the same message, whatever the order of equal magnitudes came from
+    assert torch.equal(compress(x.clone(), "none", 64, 0.5, 4).indices, p.indices)
+    with pytest.raises(ValueError, match="topk_chunk=40000"):
+        compress(torch.randn(50_000), "int2", 64, 0.01, 40_000)
 
 
 def test_topk_keeps_the_largest_entries():
@@ -149,6 +171,25 @@ def test_error_feedback_keeps_accumulated_error_bounded(kind):
     level = 1.0 / (127 if kind == "int8" else 7)
     assert worst <= level
     assert float((plain_sum - true_sum).abs().max()) > 0.1 * syncs * 1e-3
+
+
+def test_sparseloco_style_topk_int2_with_error_feedback_stays_bounded():
+    """2% chunked top-k + 2-bit values: each message drops 98% of the entries, but with error feedback
+    what was sent in total tracks the true total (the error is the last residual, which does not grow);
+    without it the dropped mass piles up sync after sync."""
+    n, syncs = 1024, 300
+    g = torch.Generator().manual_seed(3)
+    ef, plain = ErrorFeedback(n, True), ErrorFeedback(n, False)
+    true_sum, ef_sum, plain_sum = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    errs = []
+    for _ in range(syncs):
+        x = 1e-3 * torch.randn(n, generator=g) + 2e-4        # a drift every entry shares
+        true_sum += x
+        ef_sum += ef.compress(x, "int2", 64, 0.02, 256)[1]
+        plain_sum += plain.compress(x, "int2", 64, 0.02, 256)[1]
+        errs.append(float((ef_sum - true_sum).abs().max()))
+    assert max(errs[syncs // 2:]) <= 1.5 * max(errs[:syncs // 2])
+    assert errs[-1] < 0.2 * float((plain_sum - true_sum).abs().max())
 
 
 # ----------------------------------------------------------------------------- DeMo pieces

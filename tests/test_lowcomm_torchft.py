@@ -187,15 +187,21 @@ def test_sigkilled_worker_does_not_stop_the_run_and_heals_when_restarted(tmp_pat
 
 
 @pytest.mark.e2e
-def test_one_replica_on_torchft_equals_plain_diloco(tmp_path, lighthouse):
+@pytest.mark.parametrize("extra", [{}, {"warmup_sync_steps": 3, "fragments": 2}], ids=["plain", "warmup-streaming"])
+def test_one_replica_on_torchft_equals_plain_diloco(tmp_path, lighthouse, extra):
     """Driving the outer step through torchft changes nothing in the math: one replica, in process,
-    gives bitwise the weights of DiLoCoStrategy on a plain Comm, and counts the same bytes."""
+    gives bitwise the weights of DiLoCoStrategy on a plain Comm, and counts the same bytes; also
+    with synchronous warm-up steps (one round each) and streaming fragments (F syncs per round)."""
     from pipeline.comm import Comm
-    from pipeline.lowcomm.ft import ManagerComm, ReplicaState, make_manager, run_rounds
+    from pipeline.lowcomm.ft import ManagerComm, ReplicaState, make_manager, round_range, rounds_in, run_rounds
     from pipeline.lowcomm.loop import make_strategy, train_steps
     from tests.test_lowcomm import batch_of, dist_cfg, mse, tiny_model
 
-    cfg = dist_cfg("diloco", inner_steps=H, outer_lr=0.7, outer_momentum=0.6)
+    cfg = dist_cfg("diloco", inner_steps=H, outer_lr=0.7, outer_momentum=0.6, **extra)
+    steps = extra.get("warmup_sync_steps", 0) + 3 * H
+    rounds = rounds_in(cfg.diloco, steps)
+    assert rounds == 3 + extra.get("warmup_sync_steps", 0)
+    assert [round_range(cfg.diloco, r) for r in range(rounds)][-1] == (steps - H, steps)
 
     def build(comm):
         model = tiny_model()
@@ -207,7 +213,7 @@ def test_one_replica_on_torchft_equals_plain_diloco(tmp_path, lighthouse):
 
     plain = Comm()
     m0, s0, o0 = build(plain)
-    train_steps(m0, s0, o0, batch_of, mse, 0, 3 * H)
+    train_steps(m0, s0, o0, batch_of, mse, 0, steps)
 
     comm = ManagerComm(None, None)
     model, strategy, opt = build(comm)
@@ -216,20 +222,25 @@ def test_one_replica_on_torchft_equals_plain_diloco(tmp_path, lighthouse):
                                       quorum_timeout_seconds=20)
     comm.manager, comm.pg = manager, pg
     try:
-        log = run_rounds(model, strategy, opt, replica, manager, comm, batch_of, mse, 3)
+        log = run_rounds(model, strategy, opt, replica, manager, comm, batch_of, mse, rounds)
     finally:
         manager.shutdown(wait=False)
-    assert [(e["round"], e["world_size"], e["committed"]) for e in log] == [(r, 1, True) for r in range(3)]
-    assert manager.current_step() == 3 and strategy.state["syncs"] == 3
+    assert [(e["round"], e["world_size"], e["committed"]) for e in log] == [(r, 1, True) for r in range(rounds)]
+    assert manager.current_step() == rounds and strategy.state["syncs"] == s0.state["syncs"]
     assert all(torch.equal(v, m0.state_dict()[k]) for k, v in model.state_dict().items())
-    assert comm.bytes_sent == plain.bytes_sent == 3 * 2704
+    assert comm.bytes_sent == plain.bytes_sent and comm.ledger() == plain.ledger()
+    if not extra:
+        assert comm.bytes_sent == 3 * 2704
+    else:   # 3 warm-up gradient all-reduces (fp32), then per fragment one pseudo-gradient per H steps
+        assert plain.ledger()["all_reduce/grad/payload"] == {"bytes": 3 * 2704, "calls": 3}
+        assert plain.ledger()["all_reduce/pseudo_grad/payload"]["calls"] == s0.state["syncs"] > 3
 
 
-def test_the_driver_refuses_streaming_and_warmup():
-    from pipeline.lowcomm.ft import check_strategy
-    from pipeline.lowcomm.loop import make_strategy
+def test_rounds_must_end_on_the_run_length():
+    from pipeline.lowcomm.ft import rounds_in
     from tests.test_lowcomm import dist_cfg
 
-    for bad in [{"fragments": 2}, {"warmup_sync_steps": 3}]:
-        with pytest.raises(ValueError, match="fragments=1 and warmup_sync_steps=0"):
-            check_strategy(make_strategy(dist_cfg("diloco", inner_steps=H, **bad), None))
+    d = dist_cfg("diloco", inner_steps=H, warmup_sync_steps=2).diloco
+    assert rounds_in(d, 2 + 4 * H) == 6
+    with pytest.raises(ValueError, match="do not end on a round"):
+        rounds_in(d, 4 * H)

@@ -42,6 +42,11 @@ def test_trainer_runs_diloco_int4_on_two_workers(micro_data, copy_workdir):
     # 4 outer syncs, each an int4 message (packed payload + fp32 scale per 64) and nothing else
     assert m["comm"]["by_kind"] == {"pseudo_grad": 4 * message_nbytes(m["params"], "int4", 64)}
     assert m["val_loss_final"] < m["val_loss_initial"] - 1.0
+    # the byte ledger splits them: packed int4 levels (two per byte) and one fp32 scale per block
+    blocks = -(-m["params"] // 64)
+    ledger = {"all_gather/pseudo_grad/payload": {"bytes": 4 * blocks * 32, "calls": 4},
+              "all_gather/pseudo_grad/scales": {"bytes": 4 * blocks * 4, "calls": 4}}
+    assert m["byte_ledger"] == ledger
 
     # every outer sync (H=10) wrote a checkpoint holding the agreed global state
     root = work / "artifacts/pretrain/checkpoints"
@@ -51,10 +56,16 @@ def test_trainer_runs_diloco_int4_on_two_workers(micro_data, copy_workdir):
     assert st["step"] == 30 and st["strategy"]["step"] == 30 and st["strategy"]["syncs"] == 3
     fr = st["strategy"]["fragments"][0]
     assert fr["global"].numel() == m["params"] and fr["residual"].abs().sum() > 0   # int4 error feedback
-    # a restart from the sync at step 30 ends with the uninterrupted run's weights, bit for bit
+    # each checkpoint carries the ledger up to its step (in its sha256 manifest)
+    at30 = read_json(root / "step-0000030/ledger.json")
+    assert at30["ledger"]["all_gather/pseudo_grad/scales"] == {"bytes": 3 * blocks * 4, "calls": 3}
+    assert "ledger.json" in read_json(root / "step-0000030/manifest.json")["files"]
+    # a restart from the sync at step 30 ends with the uninterrupted run's weights, bit for bit,
+    # and the same ledger (carried over from the checkpoint)
     final = sha256_file(work / "artifacts/pretrain/final/model.safetensors")
-    pretrain_with(work, "micro_diloco", RECIPE, "--resume", str(root / "step-0000030"))
+    m2 = pretrain_with(work, "micro_diloco", RECIPE, "--resume", str(root / "step-0000030"))
     assert sha256_file(work / "artifacts/pretrain/final/model.safetensors") == final
+    assert m2["byte_ledger"] == ledger
 
 
 DEMO = """base: micro.yaml
@@ -83,3 +94,56 @@ def test_trainer_runs_demo_on_two_workers(micro_data, copy_workdir):
     chunks_per_step = kinds["demo_positions"] // (20 * 8)
     assert m["params"] / 64 <= chunks_per_step <= m["params"] / 64 + 64, (chunks_per_step, m["params"])
     assert m["val_loss_final"] < m["val_loss_initial"] - 0.5
+
+
+ISLANDS = """base: micro.yaml
+name: micro-islands
+pretrain:
+  steps: 20
+  checkpoint_every_steps: 1000
+  eval_every_steps: 20
+  eval_tokens: 1024
+  GRAD_ACCUM
+  distributed:
+    mode: diloco
+    world_size: WS
+    ISLANDS
+    diloco: {inner_steps: 5, outer_lr: 0.7, outer_momentum: 0.5}
+"""
+
+
+@pytest.mark.e2e
+def test_islands_ddp_inside_diloco_across_equals_diloco_with_accumulation(micro_data, copy_workdir):
+    """islands: 2 of 2 torchrun workers each (DDP inside, DiLoCo across) trains exactly what DiLoCo
+    on 2 workers with 2 accumulation micro-batches trains (an island = one DiLoCo worker whose
+    micro-batches run on two processes): bitwise equal weights; the bytes inside and across islands
+    are reported apart."""
+    work = copy_workdir(micro_data)
+    m = pretrain_with(work, "micro_islands", ISLANDS.replace("GRAD_ACCUM", "").replace("WS", "4")
+                      .replace("ISLANDS", "islands: 2"))
+    p = m["params"]
+    assert m["islands"] == {"islands": 2, "intra_island_bytes_per_worker": 4 * p * 20,
+                            "inter_island_bytes_per_worker": 4 * p * 4, "global_bytes_per_worker": 0}
+    assert m["byte_ledger"] == {"inter_island:all_reduce/pseudo_grad/payload": {"bytes": 4 * p * 4, "calls": 4},
+                                "intra_island:all_reduce/grad/payload": {"bytes": 4 * p * 20, "calls": 20}}
+    assert m["bytes_sent_per_worker"] == 4 * p * 24
+    ref = pretrain_with(work, "micro_islands_ref", ISLANDS.replace("GRAD_ACCUM", "grad_accum_steps: 2")
+                        .replace("WS", "2").replace("ISLANDS", ""))
+    assert ref["model_sha256"] == m["model_sha256"]
+
+
+def test_islands_need_diloco_on_torchrun_and_an_even_split():
+    from pipeline.config import load_recipe, recipe_sha256
+    from pipeline.errors import RecipeError
+    from tests.conftest import MICRO
+
+    def r(**d):
+        return load_recipe(MICRO, overrides={"pretrain": {"distributed": d}}, check_files=False)
+
+    for bad, words in [({"mode": "diloco", "world_size": 3, "islands": 2}, "does not split into 2 islands"),
+                       ({"world_size": 4, "islands": 2}, "needs mode diloco and engine torchrun")]:
+        with pytest.raises(RecipeError, match=words):
+            r(**bad)
+    # islands: 1 (the default) leaves the recipe (and its hash) as it was
+    assert "islands" not in r(mode="diloco").model_dump()["pretrain"]["distributed"]
+    assert recipe_sha256(r(mode="diloco", islands=1)) == recipe_sha256(r(mode="diloco"))

@@ -160,6 +160,10 @@ def test_recreate_after_deleting_artifacts_matches_bitwise(released, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert lines[-1].startswith("MATCH") and "bitwise" in lines[-1]
     assert "tensors bitwise equal, max abs diff 0.000e+00" in p.stdout
+    # the pretrain byte ledger (carried by the lineage) equals the rebuilt run's
+    ledger = next(c for c in read_json(published / "lineage.json")["checkpoints"] if c["stage"] == "pretrain")
+    assert set(ledger["byte_ledger"]) == {"all_reduce/grad/payload"}
+    assert f"byte ledger: equal (1 entries, {ledger['byte_ledger']['all_reduce/grad/payload']['bytes']} bytes" in p.stdout
     # every file the chain rebuilds is compared, not only tensors: config, tokenizer, GGUF, quantized, data
     files = read_json(published / "lineage.json")["files"]
     not_rebuilt = {ln.split("not rebuilt: ")[1].split(" (")[0] for ln in lines if "not rebuilt: " in ln}
@@ -291,3 +295,21 @@ def test_recreate_refuses_a_forged_lineage_or_release(released, tmp_path, capsys
     assert code == 2 and needle in err and "Traceback" not in err, err
     assert not (tmp_path / "wd" / "artifacts").exists()
     assert not (tmp_path / "escaped.yaml").exists() and not Path("/tmp/escaped.yaml").exists()
+
+
+def test_recreate_names_a_byte_ledger_that_differs(tmp_path):
+    from pipeline.io import write_json
+    from pipeline.recreate import compare_ledger
+
+    pub = {"all_gather/pseudo_grad/payload": {"bytes": 100, "calls": 2},
+           "all_gather/pseudo_grad/scales": {"bytes": 16, "calls": 2}}
+    lineage = {"checkpoints": [{"stage": "pretrain", "byte_ledger": pub}]}
+    (tmp_path / "artifacts/pretrain").mkdir(parents=True)
+    write_json(tmp_path / "artifacts/pretrain/metrics.json", {"byte_ledger": pub})
+    assert compare_ledger(lineage, tmp_path) == (True, ["byte ledger: equal (2 entries, 116 bytes per worker)"])
+    write_json(tmp_path / "artifacts/pretrain/metrics.json", {"byte_ledger": {
+        **pub, "all_gather/pseudo_grad/scales": {"bytes": 32, "calls": 2}}})
+    ok, lines = compare_ledger(lineage, tmp_path)
+    assert not ok and lines == ["byte ledger DIFFERS from the published one:",
+                                "  all_gather/pseudo_grad/scales: published {'bytes': 16, 'calls': 2}, "
+                                "rebuilt {'bytes': 32, 'calls': 2}"]

@@ -87,8 +87,8 @@ class DeMoOptimizer(torch.optim.Optimizer):
             shapes.append(coeffs.shape)
         pos_msg = torch.cat(positions).to(index_dtype(self.chunk))
         val_msg = torch.cat(values)
-        all_pos = self.comm.all_gather(pos_msg, tag="demo_positions")
-        all_val = self.comm.all_gather(val_msg, tag="demo_values")
+        all_pos = self.comm.all_gather(pos_msg, tag="demo_positions", part="indices")
+        all_val = self.comm.all_gather(val_msg, tag="demo_values", part="values")
         self._apply(items, shapes, all_pos, all_val)
         return loss
 

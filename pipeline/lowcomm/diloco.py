@@ -149,14 +149,18 @@ class DiLoCoStrategy(Strategy):
         self.state["syncs"] += 1
 
     def _compressed_mean(self, ef: ErrorFeedback, delta: torch.Tensor) -> torch.Tensor:
-        packed, _ = ef.compress(delta, self.c.kind, self.c.block_size, self.c.topk_fraction)
-        gathered = [self.comm.all_gather(t, tag="pseudo_grad") for t in packed.tensors()]
+        packed, _ = ef.compress(delta, self.c.kind, self.c.block_size, self.c.topk_fraction, self.c.topk_chunk)
+        # sent as raw bytes (the same count), so every dtype (int16 offsets too) crosses any backend;
+        # each part (payload, scales, indices) under its own name in the byte ledger
+        gathered = [[g.view(t.dtype) for g in self.comm.all_gather(t.view(torch.uint8), tag="pseudo_grad", part=name)]
+                    for name, t in packed.parts()]
         total = torch.zeros_like(delta)
         for w in range(self.comm.world_size):
             parts = iter(g[w] for g in gathered)
             msg = type(packed)(packed.kind, packed.numel, next(parts),
                                next(parts) if packed.scales is not None else None,
-                               next(parts) if packed.indices is not None else None)
+                               next(parts) if packed.indices is not None else None,
+                               packed.chunk, packed.per_chunk)
             total += decompress(msg, self.c.block_size)
         return total / self.comm.world_size
 
@@ -192,3 +196,50 @@ class DiLoCoStrategy(Strategy):
             frs.append({"global": fr["global"].clone(), "momentum": fr["momentum"].clone(), "ef": ef})
         self.state = {"syncs": state["syncs"], "fragments": frs}
         self._step = state.get("step", 0)
+
+
+class IslandDiLoCoStrategy(DiLoCoStrategy):
+    """Hybrid layout (`pretrain.distributed.islands: N`): data parallel inside each island of
+    k = W/N workers (ranks i*k .. i*k+k-1: a gradient all-reduce every step), DiLoCo across the
+    islands. The workers of an island hold the same weights, so worker j of every island runs the
+    outer sync with worker j of the others (its inter-island group): each island's pseudo-gradient
+    crosses the slow links once per worker slot, spread over k parallel groups. Rows: global rank r
+    trains rows [r*B/W, (r+1)*B/W), so island i trains its contiguous B/N rows.
+
+    Bytes are counted per scope in the ledger (`intra_island:` every step's gradients,
+    `inter_island:` the outer syncs) and added up in `comm` as for any mode.
+    """
+
+    def __init__(self, comm: Comm, cfg=None):
+        import torch.distributed as dist
+
+        n, w, rank = cfg.islands, comm.world_size, comm.rank
+        if w % n:
+            raise ValueError(f"pretrain.distributed.islands: world_size {w} does not split into {n} islands")
+        k = w // n
+        # every rank creates every group, in the same order (torch.distributed's rule)
+        intra = [dist.new_group(list(range(i * k, (i + 1) * k))) for i in range(n)]
+        inter = [dist.new_group([i * k + j for i in range(n)]) for j in range(k)]
+        island, local = divmod(rank, k)
+        self.global_comm = comm
+        self.intra = comm.scoped(intra[island], "intra_island")
+        self.inter = comm.scoped(inter[local], "inter_island")
+        super().__init__(self.inter, cfg)
+        self._island_ddp = DDPStrategy(self.intra, cfg)
+        self._ddp = DDPStrategy(comm.scoped(None, "global"), cfg)   # synchronous warm-up: every worker
+        self.island, self.islands = island, n
+
+    def shard(self, batch):
+        return Strategy(self.global_comm).shard(batch)
+
+    def shard_info(self, global_batch_size: int) -> dict:
+        n = global_batch_size // self.global_comm.world_size
+        r = self.global_comm.rank
+        return {"rank": r, "world_size": self.global_comm.world_size, "island": self.island,
+                "rows_of_each_global_batch": [r * n, (r + 1) * n]}
+
+    def sync_gradients(self, model: torch.nn.Module) -> None:
+        if self._in_warmup(self._step):
+            self._ddp.sync_gradients(model)
+        else:
+            self._island_ddp.sync_gradients(model)

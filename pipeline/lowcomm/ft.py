@@ -42,8 +42,15 @@ set-up therefore stalls every survivor whose next quorum is not a "fast" one (th
 a peer died) for that long; a replica that heartbeats and never asks (a test holding it back) stalls
 them until the quorum timeout. `start_replica` enforces the order: set-up done, Manager, first quorum.
 
-Limits: whole rounds only (fragments=1, no synchronous warm-up); a replica group is one process;
-a collective that hangs rather than fails is cut off by the Manager timeout (gloo timeout).
+Rounds (round_range): the first `warmup_sync_steps` rounds are one synchronous (ddp) step each,
+the gradient all-reduce going through torchft; every later round is H inner steps. With streaming
+fragments (F > 1) a round holds the F fragment syncs that fall into its H steps, and torchft commits
+them together: a failed round rolls all of them back. A healed joiner copies its peer's replica as
+a whole (local weights of fragments not yet synced included), as a DiLoCo worker restarted from a
+peer's checkpoint would.
+
+Limits: a replica group is one process; a collective that hangs rather than fails is cut off by the
+Manager timeout (gloo timeout).
 """
 
 from __future__ import annotations
@@ -89,15 +96,16 @@ class ManagerComm(Comm):
         self.world_size = self.manager.num_participants()
         self.rank = rank
 
-    def all_reduce(self, t: torch.Tensor, op: str = "sum", tag: str = "all_reduce") -> torch.Tensor:
-        self._count(tag, self.nbytes(t))
+    def all_reduce(self, t: torch.Tensor, op: str = "sum", tag: str = "all_reduce",
+                   part: str = "payload") -> torch.Tensor:
+        self._count(tag, self.nbytes(t), "all_reduce", part)
         work = self.manager.allreduce(t, reduce_op=ReduceOp.AVG if op == "avg" else ReduceOp.SUM)
         if not work.wait():
             self.failed_collectives += 1
         return t
 
-    def all_gather(self, t: torch.Tensor, tag: str = "all_gather") -> list[torch.Tensor]:
-        self._count(tag, self.nbytes(t))
+    def all_gather(self, t: torch.Tensor, tag: str = "all_gather", part: str = "payload") -> list[torch.Tensor]:
+        self._count(tag, self.nbytes(t), "all_gather", part)
         out = [torch.zeros_like(t) for _ in range(self.world_size)]
         if self.manager.errored() is not None:
             return out                      # the round is already lost: skip the wire
@@ -130,19 +138,23 @@ class ReplicaState:
     on (CPU tensors are not copied on its side), so everything is cloned here.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer, strategy):
+    def __init__(self, model: torch.nn.Module, optimizer, strategy, extra: dict | None = None):
         self.model, self.optimizer, self.strategy = model, optimizer, strategy
+        self.extra = extra or {}            # name -> object with state_dict / load_state_dict (scheduler, ...)
         self.healed: list[dict] = []        # what load_state_dict received (for logs and tests)
 
     def state_dict(self) -> dict:
         return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
                 "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                "strategy": self.strategy.state_dict()}
+                "strategy": self.strategy.state_dict(),
+                **{k: copy.deepcopy(o.state_dict()) for k, o in self.extra.items()}}
 
     def restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.strategy.load_state_dict(state["strategy"])
+        for k, o in self.extra.items():
+            o.load_state_dict(copy.deepcopy(state[k]))
 
     def load_state_dict(self, state: dict) -> None:
         """torchft's heal callback: a state fetched from a live peer."""
@@ -177,15 +189,21 @@ def make_manager(replica_id: str, lighthouse_addr: str, replica: ReplicaState, m
 
     Returns (manager, pg, store); keep the store alive as long as the manager.
     `replica_id` should end in the replica index (torchft derives a global rank from its digits).
+    The store listens on every interface and is advertised to the quorum under this host's name
+    (OMP_FT_HOST overrides it), as torchft's Manager server is: peers on other hosts connect to it.
     """
+    import os
+    import socket
+
     from torchft import Manager, ProcessGroupGloo
 
     timeout = timedelta(seconds=timeout_seconds)
+    host = os.environ.get("OMP_FT_HOST") or socket.gethostname()
     store = dist.TCPStore("localhost", 0, is_master=True, wait_for_workers=False)
     pg = ProcessGroupGloo(timeout=timeout)
     manager = Manager(pg=pg, min_replica_size=min_replicas, use_async_quorum=False,
                       load_state_dict=replica.load_state_dict, state_dict=replica.state_dict,
-                      replica_id=replica_id, store_addr="localhost", store_port=store.port, rank=0,
+                      replica_id=replica_id, store_addr=host, store_port=store.port, rank=0, hostname=host,
                       world_size=1, lighthouse_addr=lighthouse_addr, timeout=timeout,
                       quorum_timeout=timedelta(seconds=quorum_timeout_seconds),
                       connect_timeout=timeout, init_sync=False,
@@ -247,12 +265,27 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
-def check_strategy(strategy) -> None:
-    """The driver commits whole rounds: one fragment, no synchronous warm-up steps."""
-    d = strategy.d
-    if d.fragments != 1 or d.warmup_sync_steps != 0:
-        raise ValueError("pretrain.distributed.diloco: the torchft driver needs fragments=1 and "
-                         f"warmup_sync_steps=0 (got {d.fragments}, {d.warmup_sync_steps})")
+def round_range(d, r: int) -> tuple[int, int]:
+    """Steps [start, stop) of round r: warm-up rounds are one synchronous step, the others H steps."""
+    w = d.warmup_sync_steps
+    if r < w:
+        return r, r + 1
+    start = w + (r - w) * d.inner_steps
+    return start, start + d.inner_steps
+
+
+def rounds_in(d, steps: int) -> int:
+    """How many rounds `steps` training steps are; ValueError if they do not end on a round."""
+    w, h = d.warmup_sync_steps, d.inner_steps
+    if steps < w or (steps - w) % h:
+        raise ValueError(f"{steps} steps do not end on a round ({w} warm-up steps, then rounds of "
+                         f"inner_steps={h})")
+    return w + (steps - w) // h
+
+
+def round_of(d, step: int) -> int:
+    """The round that starts at `step` (a round boundary)."""
+    return rounds_in(d, step)
 
 
 def run_rounds(model: torch.nn.Module, strategy, optimizer, replica: ReplicaState, manager,
@@ -260,17 +293,22 @@ def run_rounds(model: torch.nn.Module, strategy, optimizer, replica: ReplicaStat
                loss_of: Callable[[torch.nn.Module, object], torch.Tensor], rounds: int,
                on_round: Callable[[int], None] | None = None,
                on_step: Callable[[int, float], None] | None = None,
-               max_failed_rounds: int = 20) -> list[dict]:
+               max_failed_rounds: int = 20,
+               train_round: Callable[[int, int, Callable], None] | None = None,
+               on_commit: Callable[[dict], None] | None = None) -> list[dict]:
     """Train until torchft has committed `rounds` rounds; returns one log entry per attempt
     (round, world_size, rank, healed, committed, mean inner loss, seconds, quorum_seconds,
     bytes_sent so far, global_sha256 = sha256 of the global parameters at the round start).
 
-    `strategy` is a DiLoCoStrategy built on `comm` and already set up on `model`.
+    `strategy` is a DiLoCoStrategy built on `comm` and already set up on `model`. `train_round(start,
+    stop, on_step)` trains steps start..stop-1 (default: train_steps with batch_of and loss_of);
+    `on_commit(entry)` runs after each committed round (checkpoints, evaluations).
     """
     from pipeline.lowcomm.loop import train_steps
 
-    check_strategy(strategy)
-    H = strategy.d.inner_steps
+    if train_round is None:
+        def train_round(start: int, stop: int, hook) -> None:
+            train_steps(model, strategy, optimizer, batch_of, loss_of, start, stop, on_step=hook)
     log: list[dict] = []
     failed = 0
     while manager.current_step() < rounds:
@@ -296,7 +334,9 @@ def run_rounds(model: torch.nn.Module, strategy, optimizer, replica: ReplicaStat
             if on_step is not None:
                 on_step(step, loss)
 
-        train_steps(model, strategy, optimizer, batch_of, loss_of, r * H, (r + 1) * H, on_step=step_hook)
+        start, stop = round_range(strategy.d, r)
+        entry["steps"] = [start, stop]
+        train_round(start, stop, step_hook)
         committed = manager.should_commit()
         if not committed:
             replica.restore(snapshot)
@@ -309,4 +349,6 @@ def run_rounds(model: torch.nn.Module, strategy, optimizer, replica: ReplicaStat
         entry.update(committed=committed, loss=sum(losses) / len(losses), seconds=time.monotonic() - t0,
                      bytes_sent=comm.bytes_sent)
         log.append(entry)
+        if committed and on_commit is not None:
+            on_commit(entry)
     return log

@@ -95,8 +95,10 @@ class DDPStrategy(Strategy):
 
 
 def _diloco(comm: Comm, cfg) -> Strategy:
-    from pipeline.lowcomm.diloco import DiLoCoStrategy
+    from pipeline.lowcomm.diloco import DiLoCoStrategy, IslandDiLoCoStrategy
 
+    if getattr(cfg, "islands", 1) > 1:
+        return IslandDiLoCoStrategy(comm, cfg)
     return DiLoCoStrategy(comm, cfg)
 
 

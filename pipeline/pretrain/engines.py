@@ -54,11 +54,11 @@ class PlainEngine:
 
     collective_forward = False   # evaluation runs on rank 0 alone
 
-    def __init__(self, recipe: Recipe, model: torch.nn.Module, ctx, total: int):
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, ctx, total: int, comm: Comm | None = None):
         cfg = recipe.pretrain
         self.cfg, self.ctx = cfg, ctx
         self.model = model.to(ctx.device)
-        self.comm = Comm()
+        self.comm = comm if comm is not None else Comm()   # engine torchft: a ManagerComm
         self.strategy: Strategy = make_strategy(cfg.distributed, self.comm)
         self.optimizer = self.strategy.build_optimizer(self.model.parameters(), make_adamw(cfg, ctx.device))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total))

@@ -23,16 +23,21 @@ OUT = Path("artifacts/pretrain")
 EXIT_FILE = ".exit.json"  # rank 0's reason for a non-zero exit, read back by the launcher
 
 
-def run(recipe: Recipe, out_dir: Path = OUT, resume: str = "none", dirs=None) -> dict:
+def run(recipe: Recipe, out_dir: Path = OUT, resume: str = "none", dirs=None, node_rank: int | None = None,
+        replica_ids: list[int] | None = None, lighthouse: str | None = None) -> dict:
     from pipeline.pretrain.trainer import DataDirs
 
     dirs = dirs or DataDirs()
     d = recipe.pretrain.distributed
+    if d.engine == "torchft":
+        from pipeline.pretrain import ft
+
+        return ft.launch(recipe, Path(out_dir), resume, dirs, replica_ids, lighthouse)
     if d.world_size == 1 and d.engine == "torchrun":
         from pipeline.pretrain.trainer import train
 
         return train(recipe, Path(out_dir), resume, dirs)
-    return launch_workers(recipe, Path(out_dir), resume, dirs)
+    return launch_workers(recipe, Path(out_dir), resume, dirs, node_rank)
 
 
 def worker_threads(recipe: Recipe) -> int:
@@ -41,16 +46,45 @@ def worker_threads(recipe: Recipe) -> int:
     return recipe.pretrain.threads or max(1, cpu_cores() // recipe.pretrain.distributed.world_size)
 
 
-def launch_workers(recipe: Recipe, out_dir: Path, resume: str, dirs) -> dict:
+def worker_args(spec: Path, out_dir: Path, resume: str, dirs) -> list[str]:
+    return ["--spec", str(spec), "--out", str(out_dir), "--resume", resume, "--blend-dir", str(dirs.blend),
+            "--tokenize-dir", str(dirs.tokenize), "--tokenizer-dir", str(dirs.tokenizer)]
+
+
+def launch_command(recipe: Recipe, spec: Path, out_dir: Path, resume: str, dirs,
+                   node_rank: int | None = None) -> list[str]:
+    """The command line that starts this node's workers.
+
+    One node: `torchrun --standalone --nproc_per_node=W`. Several (pretrain.distributed.nodes):
+    `torchrun --nnodes=N --nproc_per_node=W/N --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT
+    --rdzv-id=ID` on every node (the same command everywhere; torchrun's c10d rendezvous assigns
+    node ranks, or `node_rank` pins this one: `omp pretrain --node-rank`). Engine deepspeed with
+    `nodes.hostfile`: DeepSpeed's own launcher, run once on the first host, which starts every
+    host's workers over pdsh/ssh (`deepspeed --hostfile F --num_nodes N --num_gpus W/N`).
+    """
+    d = recipe.pretrain.distributed
+    n = d.nodes
+    per_node = n.world_size_per_node(d.world_size)
+    target = ["-m", "pipeline.pretrain.worker", *worker_args(spec, out_dir, resume, dirs)]
+    if d.engine == "deepspeed" and n.hostfile is not None:
+        return ["deepspeed", "--hostfile", n.hostfile, f"--num_nodes={n.nnodes}", f"--num_gpus={per_node}",
+                "--master_port", str(n.master_port), "--no_local_rank", "--module", "pipeline.pretrain.worker",
+                *worker_args(spec, out_dir, resume, dirs)]
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    if n.nnodes == 1:
+        return [*run, "--standalone", f"--nproc_per_node={per_node}", *target]
+    rank = [f"--node-rank={node_rank}"] if node_rank is not None else []
+    return [*run, f"--nnodes={n.nnodes}", *rank, f"--nproc_per_node={per_node}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={n.rdzv_endpoint}", f"--rdzv-id={n.rdzv_id}", *target]
+
+
+def launch_workers(recipe: Recipe, out_dir: Path, resume: str, dirs, node_rank: int | None = None) -> dict:
     d = recipe.pretrain.distributed
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / EXIT_FILE).unlink(missing_ok=True)
     spec = out_dir / ".recipe.json"
     write_json(spec, {"path": recipe_path(recipe), "recipe": recipe_dict(recipe)})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={d.world_size}",
-           "-m", "pipeline.pretrain.worker", "--spec", str(spec), "--out", str(out_dir), "--resume", resume,
-           "--blend-dir", str(dirs.blend), "--tokenize-dir", str(dirs.tokenize),
-           "--tokenizer-dir", str(dirs.tokenizer)]
+    cmd = launch_command(recipe, spec, out_dir, resume, dirs, node_rank)
     env = {**os.environ, "OMP_NUM_THREADS": str(worker_threads(recipe))}
     if d.engine == "deepspeed":
         import torch
@@ -72,6 +106,8 @@ def launch_workers(recipe: Recipe, out_dir: Path, resume: str, dirs) -> dict:
         reason = out_dir / EXIT_FILE
         msg = read_json(reason)["message"] if reason.is_file() else f"torchrun exited with status {rc}"
         raise PipelineError(msg)
+    if not (out_dir / "metrics.json").is_file():   # a node without global rank 0 writes no outputs
+        return {"node_only": True}
     return read_json(out_dir / "metrics.json")
 
 

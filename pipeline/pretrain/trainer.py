@@ -211,9 +211,13 @@ def save_checkpoint(root: Path, step: int, engine, history: list, ctx: Context, 
     tmp = ckpt.tmp_dir(root, step)
     comm = engine.comm
     state = {"step": step, **engine.save(tmp, ctx.rank), "rng": rng_state(),
-             "comm": {"bytes_sent": comm.bytes_sent, "calls": comm.calls, "by_kind": dict(comm.by_kind)},
+             "comm": {"bytes_sent": comm.bytes_sent, "calls": comm.calls, "by_kind": dict(comm.by_kind),
+                      "ledger": comm.ledger()},
              "history": history if ctx.rank == 0 else []}
     torch.save(state, tmp / f"state-rank{ctx.rank}.pt")
+    if ctx.rank == 0 and engine.bytes_sent_per_worker() is not None:
+        # the byte ledger up to this checkpoint (bytes this worker sent, by collective/tag/part)
+        write_json(tmp / "ledger.json", {"step": step, "bytes_sent": comm.bytes_sent, "ledger": comm.ledger()})
     if ctx.rank == 0 and speeds is not None:
         # wall-clock numbers live apart from the state, so equal runs write bit-identical state files
         write_json(tmp / "timings.json", speeds)
@@ -239,6 +243,7 @@ def load_checkpoint(path: Path, engine, ctx: Context) -> tuple[int, list, list]:
         comm.bytes_sent, comm.calls = state["comm"]["bytes_sent"], state["comm"]["calls"]
         comm.by_kind.clear()
         comm.by_kind.update(state["comm"]["by_kind"])
+        comm.load_ledger(state["comm"].get("ledger", {}))
     timings = path / "timings.json"
     return state["step"], state["history"], (read_json(timings) if timings.is_file() else [])
 
@@ -472,7 +477,13 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
         "train_seconds": train_s + warmup_s, "warmup_seconds": warmup_s, "warmup_steps": min(warm, total - start),
         "world_size": ctx.world_size, "mode": engine.lineage["mode"], "engine": engine.name,
         "bytes_sent_per_worker": engine.bytes_sent_per_worker(), "comm": engine.comm.stats(),
+        "byte_ledger": engine.comm.ledger() if engine.bytes_sent_per_worker() is not None else None,
     }
+    if cfg.distributed.islands > 1:   # hybrid layout: the traffic inside islands and across them apart
+        ledger = engine.comm.ledger()
+        metrics["islands"] = {"islands": cfg.distributed.islands, **{
+            f"{scope}_bytes_per_worker": sum(v["bytes"] for k, v in ledger.items() if k.startswith(f"{scope}:"))
+            for scope in ("intra_island", "inter_island", "global")}}
     if ctx.rank == 0:
         from pipeline.pretrain import outputs
         metrics = outputs.write(recipe, out_dir, final, history, metrics, dirs, lineage, parent, speeds)

@@ -18,6 +18,8 @@ def main(argv=None) -> int:
     p.add_argument("--blend-dir", default="artifacts/blend")
     p.add_argument("--tokenize-dir", default="artifacts/tokenize")
     p.add_argument("--tokenizer-dir", default="artifacts/tokenizer")
+    p.add_argument("--replica-id", type=int, default=None, help="engine torchft: this replica group")
+    p.add_argument("--lighthouse", default=None, help="engine torchft: the Lighthouse address")
     a = p.parse_args(argv)
 
     from pipeline.pretrain.launch import EXIT_FILE, load_spec
@@ -27,7 +29,12 @@ def main(argv=None) -> int:
     dirs = DataDirs(Path(a.blend_dir), Path(a.tokenize_dir), Path(a.tokenizer_dir))
     from pipeline.pretrain.trainer import train  # one loop; the engine (plain or DeepSpeed) comes from the recipe
     try:
-        train(recipe, Path(a.out), a.resume, dirs)
+        if a.replica_id is not None:
+            from pipeline.pretrain.ft import train_replica
+
+            train_replica(recipe, Path(a.out), a.resume, dirs, a.replica_id, a.lighthouse)
+        else:
+            train(recipe, Path(a.out), a.resume, dirs)
     except PipelineError as e:
         import torch.distributed as dist
 
