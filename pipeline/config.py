@@ -662,9 +662,13 @@ def recipe_subset(recipe: Recipe, keys: list[str], execution: bool = True) -> di
             src, dst = src[p], dst.setdefault(p, {})
         dst[leaf] = src[leaf]
     if not execution:
-        for section, drop in EXECUTION_ONLY.items():
-            if isinstance(out.get(section), dict):
-                out[section] = {k: v for k, v in out[section].items() if k not in drop}
+        for section, drop in EXECUTION_ONLY.items():  # a section may be a dotted path
+            node = out
+            for part in section.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                for k in drop:
+                    node.pop(k, None)
     return out
 
 

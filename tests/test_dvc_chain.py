@@ -160,6 +160,11 @@ def test_an_edit_of_one_section_changes_only_the_provenance_of_stages_that_read_
     other = load_recipe(tiny, overrides={"data": {"executor": "ray", "workers": 3}}, check_files=False)
     assert provenance("ingest", other)["config_sha256"] == provenance("ingest", base)["config_sha256"]
     assert provenance("release", other)["recipe_sha256"] == provenance("release", base)["recipe_sha256"]
+    # a nested execution-only key (pretrain.distributed.nodes) is recorded but not hashed either
+    nodes = load_recipe(tiny, overrides={"pretrain": {"distributed": {"nodes": {"rdzv_endpoint": "h:1"}}}},
+                        check_files=False)
+    assert provenance("pretrain", nodes)["config"]["pretrain"]["distributed"]["nodes"]["rdzv_endpoint"] == "h:1"
+    assert provenance("pretrain", nodes)["config_sha256"] == provenance("pretrain", base)["config_sha256"]
 
 
 def test_lineage_commit_is_the_code_commit_and_dvc_lock_is_not_dirt(tmp_path):
