@@ -106,7 +106,8 @@ def train_one(comm, order: PublishedOrder, args, lr: float, dist: dict) -> dict:
     warm = min(20, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, warm, args.steps, args.schedule))
     before, t0 = comm.bytes_sent, time.perf_counter()
-    train_steps(model, strategy, opt, lambda s: order.batch(s)[:, :args.seq_len], lm_loss, 0, args.steps, clip=1.0,
+    batch_of, _ = long_batches(order, args.seq_len)   # --steps may exceed the published order's steps
+    train_steps(model, strategy, opt, batch_of, lm_loss, 0, args.steps, clip=1.0,
                 on_step=lambda _s, _l: sched.step())
     wall = time.perf_counter() - t0
     return {"bytes": comm.bytes_sent - before, "val": eval_loss(model, heldout(order, args.seq_len)),

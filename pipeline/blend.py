@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import tokenize as tokstage
-from pipeline.config import Recipe, load_manifest, recipe_path, recipe_sha256
+from pipeline.config import Recipe, config_sha256, load_manifest, recipe_path
 from pipeline.errors import DataIntegrityError, RecipeError
 from pipeline.io import atomic_dir, read_json, sha256_file, write_json
-from pipeline.lineage import provenance
+from pipeline.lineage import STAGE_KEYS, provenance
 from pipeline.log import status
 from pipeline.verify import seal, verify_stage
 
@@ -110,7 +110,8 @@ def run(recipe: Recipe, tokenize_dir: Path = tokstage.OUT, out_dir: Path = OUT) 
             "token_paths": {n: tok_report["sources"][n]["train"]["file"] for n in names},
             "val_files": {n: tok_report["sources"][n]["val"]["sha256"] for n in names},
             "val_paths": {n: tok_report["sources"][n]["val"]["file"] for n in names},
-            "recipe_sha256": recipe_sha256(recipe),
+            # the recipe keys blend reads (not the whole recipe: a later stage's edit leaves this file alone)
+            "config_sha256": config_sha256(recipe, STAGE_KEYS["blend"]),
         }
         write_json(tmp / "blend.json", report)
         plot_mixture(report, tmp / "blend.png")

@@ -373,6 +373,9 @@ class PosttrainCfg(Strict):
     weight_decay: Annotated[Float, Field(ge=0)] = 0.0
     max_len_tokens: PosInt = 192      # longer conversations are cut (the loss mask is cut with them)
     answer_max_chars: PosInt = 400    # python-docs-qa: first paragraph cut to this many characters
+    # windows of max_len_tokens pretraining tokens (rows of the published order: what pretraining read,
+    # decontaminated) mixed into SFT with the loss on every token: replay, against forgetting
+    replay_examples: NonNegInt = 0
     dpo: DPOCfg = DPOCfg()
     eval_problems: PosInt = 200       # held-out arithmetic problems for arith_em_before / _after
     seed: StrictInt | None = None           # defaults to the recipe seed
@@ -668,6 +671,33 @@ def recipe_sha256(recipe: Recipe) -> str:
         for key in keys:
             node.pop(key, None)
     return sha256_bytes(canonical_json(full).encode())
+
+
+def recipe_subset(recipe: Recipe, keys: list[str], execution: bool = True) -> dict[str, Any]:
+    """The resolved values of `keys` (top-level sections or dotted paths such as `data.manifest`),
+    nested as in the recipe; without the EXECUTION_ONLY keys when `execution` is false."""
+    full, out = recipe_dict(recipe), {}
+    for key in keys:
+        *parents, leaf = key.split(".")
+        src, dst = full, out
+        for p in parents:
+            src, dst = src[p], dst.setdefault(p, {})
+        dst[leaf] = src[leaf]
+    if not execution:
+        for section, drop in EXECUTION_ONLY.items():  # a section may be a dotted path
+            node = out
+            for part in section.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                for k in drop:
+                    node.pop(k, None)
+    return out
+
+
+def config_sha256(recipe: Recipe, keys: list[str]) -> str:
+    """Hash of only the recipe keys a stage reads (`recipe_subset`, EXECUTION_ONLY left out): an edit
+    of another stage's section leaves it, and so that stage's output bytes, as they were."""
+    return sha256_bytes(canonical_json(recipe_subset(recipe, keys, execution=False)).encode())
 
 
 def recipe_path(recipe: Recipe) -> str:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pipeline
-from pipeline.config import Recipe, recipe_dict, recipe_path, recipe_sha256
+from pipeline.config import Recipe, config_sha256, recipe_dict, recipe_path, recipe_sha256, recipe_subset
 
 
 def git_commit(cwd: str | Path = ".") -> dict:
@@ -32,23 +32,39 @@ def git_commit(cwd: str | Path = ".") -> dict:
     return {"commit": commit, "dirty": bool(status and status.stdout.strip())}
 
 
+# The recipe keys each stage reads (a top-level key, or a dotted path into a section). A stage's
+# provenance.json records and hashes only these, so editing another stage's section (say
+# posttrain.lr) leaves the bytes of this stage's output, and its entry in dvc.lock, unchanged.
+# dvc.yaml lists the same keys as each stage's params (tests/test_dvc_chain.py checks both agree),
+# so DVC reruns a stage exactly when one of them changes. The release embeds the whole recipe in its
+# lineage (recreate checks `recipe_sha256` against it), so its provenance covers the whole recipe.
+STAGE_KEYS: dict[str, list[str]] = {
+    "ingest": ["data"],
+    "tokenizer": ["seed", "data.manifest", "tokenizer"],
+    "tokenize": ["data.manifest", "tokenize"],
+    "blend": ["seed", "data.manifest", "blend"],
+    "pretrain": ["seed", "pretrain"],
+    "posttrain": ["seed", "data.manifest", "tokenize.val_per_mille", "posttrain"],
+    "quantize": ["name", "seed", "blend.seq_len", "quantize"],
+    "evaluate": ["seed", "evaluate"],
+}
+
+
 def provenance(stage: str, recipe: Recipe, inputs: dict[str, str] | None = None, **extra) -> dict:
-    """The resolved recipe section, input hashes and code version of one stage output.
+    """The recipe keys the stage reads (STAGE_KEYS) with their hash, input hashes and code version of
+    one stage output.
 
     No timestamps, host names or git commit: equal inputs give a byte-identical file, so a commit
     that does not touch a stage's code leaves its DVC output hash (in dvc.lock) as it was. The
     commit is recorded once, in the release lineage (chain_lineage).
     """
-    sections = {"ingest": ["data"], "tokenizer": ["data", "tokenizer"], "tokenize": ["tokenize"],
-                "blend": ["blend"]}.get(stage, [stage])
-    full = recipe_dict(recipe)
+    keys = STAGE_KEYS.get(stage)
+    scope = {"config_keys": keys, "config": recipe_subset(recipe, keys), "config_sha256": config_sha256(recipe, keys)} \
+        if keys is not None else {"config_keys": None, "config": recipe_dict(recipe), "recipe_sha256": recipe_sha256(recipe)}
     return {
         "stage": stage,
-        "recipe_name": recipe.name,
         "recipe_file": recipe_path(recipe),
-        "recipe_sha256": recipe_sha256(recipe),
-        "config": {k: full[k] for k in sections if k in full},
-        "seed": recipe.seed,
+        **scope,
         "inputs": dict(sorted((inputs or {}).items())),
         "code": {"omp_version": pipeline.__version__},
         "python": platform.python_version(),

@@ -2,6 +2,8 @@
 
 Input: `artifacts/pretrain/final/` (a Hugging Face Llama directory with the tokenizer and its ChatML
 template), the ingested sources and the recipe's `posttrain` section.
+With `posttrain.replay_examples`, rows of the published pretraining order (artifacts/blend +
+artifacts/tokenize, hashes checked) are mixed into SFT with the loss on every token (replay).
 Output `artifacts/posttrain/`: `final/` (Hugging Face model directory + lineage.json whose parent is
 the sha256 of the pretrain weights), `metrics.json` (losses, arith_em_before / arith_em_after) and
 provenance.json.
@@ -35,6 +37,7 @@ from pipeline.sources import arithmetic
 
 PRETRAIN_DIR = Path("artifacts/pretrain/final")
 INGEST_DIR = Path("artifacts/ingest")
+BLEND_DIR, TOKENIZE_DIR = Path("artifacts/blend"), Path("artifacts/tokenize")
 OUT = Path("artifacts/posttrain")
 IGNORE = -100  # label of tokens the loss does not cover
 
@@ -171,6 +174,24 @@ def sft_conversations(recipe: Recipe, ingest_dir: Path = INGEST_DIR) -> list[lis
         convs += items[:src.max_examples]
     random.Random(f"{posttrain_seed(recipe)}-sft").shuffle(convs)
     return convs
+
+
+def replay_examples(n: int, max_len: int, seed: int, blend_dir: Path = BLEND_DIR,
+                    tokenize_dir: Path = TOKENIZE_DIR) -> tuple[list[Example], str | None]:
+    """`n` seeded rows of the published pretraining order (hashes checked), each cut to `max_len`
+    tokens, labelled on every token: pretraining text replayed during SFT. Returns the examples and
+    the sha256 of the blend.json they came from."""
+    if n == 0:
+        return [], None
+    from pipeline.data import PublishedOrder
+
+    order = PublishedOrder(blend_dir, tokenize_dir)
+    rows = random.Random(f"{seed}-replay").sample(range(len(order.indices)), min(n, len(order.indices)))
+    out = []
+    for r in rows:
+        ids = [int(t) for t in order.instance(r)[:max_len]]
+        out.append(Example(ids, list(ids)))
+    return out, sha256_file(blend_dir / "blend.json")
 
 
 def posttrain_seed(recipe: Recipe) -> int:
@@ -401,7 +422,7 @@ def load_model(model_dir: Path):
 
 
 def run(recipe: Recipe, pretrain_dir: Path = PRETRAIN_DIR, ingest_dir: Path = INGEST_DIR,
-        out_dir: Path = OUT) -> dict:
+        out_dir: Path = OUT, blend_dir: Path = BLEND_DIR, tokenize_dir: Path = TOKENIZE_DIR) -> dict:
     cfg, seed = recipe.posttrain, posttrain_seed(recipe)
     torch.manual_seed(seed)
     model, tok = load_model(pretrain_dir)
@@ -423,8 +444,9 @@ def run(recipe: Recipe, pretrain_dir: Path = PRETRAIN_DIR, ingest_dir: Path = IN
     def keep_first(n, m):
         if n == 1 and cfg.ladder:
             first.update({k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()})
-    sft_losses = sft(model, tok, examples, cfg, seed, on_step=keep_first)
-    metrics.update(sft_examples=len(examples), sft_steps=cfg.steps,
+    replay, blend_sha = replay_examples(cfg.replay_examples, cfg.max_len_tokens, seed, blend_dir, tokenize_dir)
+    sft_losses = sft(model, tok, examples + replay, cfg, seed, on_step=keep_first)
+    metrics.update(sft_examples=len(examples), sft_replay_examples=len(replay), sft_steps=cfg.steps,
                    sft_loss_first=sft_losses[0], sft_loss_last=sft_losses[-1])
     metrics["arith_em_after_sft"] = arithmetic_em(model, tok, problems, chat_format=True)
 
@@ -436,6 +458,8 @@ def run(recipe: Recipe, pretrain_dir: Path = PRETRAIN_DIR, ingest_dir: Path = IN
     metrics["arith_em_after"] = arithmetic_em(model, tok, problems, chat_format=True)
 
     inputs = {"pretrain_model": parent, "ingest": sha256_file(ingest_dir / "ingest.json")}
+    if blend_sha:
+        inputs["blend"] = blend_sha
     chat_ready(model, tok)
     with atomic_dir(out_dir) as tmp:
         final = tmp / "final"

@@ -104,8 +104,10 @@ def main() -> int:
             print(f"soak: pytest wrote {len(xmls)} of {len(runs)} reports", file=sys.stderr)
         stats: dict[str, list] = collections.defaultdict(lambda: [0, 0, 0, []])   # pass, fail, skip, secs
         for case in (c for x in xmls for c in ET.parse(x).iter("testcase")):
-            # test_x[int4-run03] -> test_x[int4]; test_x[run03] -> test_x
-            name = re.sub(r"\[\]$", "", re.sub(r"-?run\d+(?=\])", "", case.get("name", "")))
+            # the repeat id is the first or the last of the ids: test_x[run03-int4] / test_x[int4-run03]
+            # -> test_x[int4]; test_x[run03] -> test_x
+            name = re.sub(r"\[run\d+-", "[", case.get("name", ""))
+            name = re.sub(r"\[\]$", "", re.sub(r"-?run\d+(?=\])", "", name))
             base = f"{case.get('classname', '').rsplit('.', 1)[-1]}::{name}"
             s = stats[base]
             if case.find("failure") is not None or case.find("error") is not None:

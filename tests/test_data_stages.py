@@ -39,7 +39,7 @@ def test_blend_report_contract_and_shares(micro_data):
     assert meta["indices_sha256"] == sha256_file(micro_data / "artifacts/blend/indices.npy")
     for name, digest in meta["token_files"].items():
         assert digest == sha256_file(micro_data / "artifacts/tokenize" / name / "train.npy")
-    assert len(meta["recipe_sha256"]) == 64
+    assert len(meta["config_sha256"]) == 64 and "recipe_sha256" not in meta
     idx = np.load(micro_data / "artifacts/blend/indices.npy")
     assert idx.shape == (meta["steps"] * meta["global_batch_size"], 2) and idx.dtype == np.int64
     counts = np.bincount(idx[:, 0], minlength=len(meta["sources"]))

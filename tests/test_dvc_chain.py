@@ -109,8 +109,62 @@ def test_every_stage_params_section_exists_in_the_default_recipe():
             if isinstance(entry, dict):
                 for file, keys in entry.items():
                     assert file == "${recipe}", f"dvc.yaml: stages.{name}.params: unexpected file {file}"
-                    missing += [f"{name}:{k}" for k in keys if k not in recipe]
+                    missing += [f"{name}:{k}" for k in keys if not _has_key(recipe, k)]
     assert not missing, f"{recipe_path} lacks sections that dvc.yaml stages read: {missing}"
+
+
+def _has_key(tree: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def test_dvc_params_are_the_recipe_keys_each_stage_hashes_into_its_provenance():
+    """DVC reruns a stage when one of its params changes; provenance.json hashes the keys the stage
+    reads (STAGE_KEYS). They must be the same list, or an edit either reruns nothing that reads it or
+    changes an output DVC did not rerun."""
+    from pipeline.lineage import STAGE_KEYS
+
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    listed = {name: [k for e in stage.get("params", []) for k in e["${recipe}"]]
+              for name, stage in dvc["stages"].items()}
+    assert {n: listed[n] for n in STAGE_KEYS} == STAGE_KEYS
+    assert set(listed) - set(STAGE_KEYS) == {"release"}  # the release covers the whole recipe
+
+
+def test_an_edit_of_one_section_changes_only_the_provenance_of_stages_that_read_it():
+    """The committed dvc.lock holds the data stages: an edit of posttrain's section (or evaluate's)
+    must leave their provenance.json, hence their output hash, byte-identical."""
+    from pipeline.config import load_recipe
+    from pipeline.io import canonical_json
+    from pipeline.lineage import STAGE_KEYS, provenance
+
+    tiny = REPO / "recipes/tiny.yaml"
+    base = load_recipe(tiny, check_files=False)
+
+    def changed(overrides):
+        other = load_recipe(tiny, overrides=overrides, check_files=False)
+        return {s for s in list(STAGE_KEYS) + ["release"]
+                if canonical_json(provenance(s, base)) != canonical_json(provenance(s, other))}
+
+    assert changed({"posttrain": {"lr": 0.5}}) == {"posttrain", "release"}
+    assert changed({"evaluate": {"limit": 7}}) == {"evaluate", "release"}
+    assert changed({"seed": 99}) == {"tokenizer", "blend", "pretrain", "posttrain", "quantize", "evaluate", "release"}
+    assert changed({"blend": {"seq_len": 128}}) == {"blend", "quantize", "release"}
+    assert changed({"tokenize": {"val_per_mille": 30}}) == {"tokenize", "posttrain", "release"}
+    # where the data stages run is recorded by ingest alone and hashed by none
+    ray = changed({"data": {"executor": "ray", "workers": 3}})
+    assert ray == {"ingest", "release"}
+    other = load_recipe(tiny, overrides={"data": {"executor": "ray", "workers": 3}}, check_files=False)
+    assert provenance("ingest", other)["config_sha256"] == provenance("ingest", base)["config_sha256"]
+    assert provenance("release", other)["recipe_sha256"] == provenance("release", base)["recipe_sha256"]
+    # a nested execution-only key (pretrain.distributed.nodes) is recorded but not hashed either
+    nodes = load_recipe(tiny, overrides={"pretrain": {"distributed": {"nodes": {"rdzv_endpoint": "h:1"}}}},
+                        check_files=False)
+    assert provenance("pretrain", nodes)["config"]["pretrain"]["distributed"]["nodes"]["rdzv_endpoint"] == "h:1"
+    assert provenance("pretrain", nodes)["config_sha256"] == provenance("pretrain", base)["config_sha256"]
 
 
 def test_lineage_commit_is_the_code_commit_and_dvc_lock_is_not_dirt(tmp_path):

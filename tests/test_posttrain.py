@@ -137,6 +137,26 @@ def test_dpo_prefers_chosen_answers(micro_pretrained, monkeypatch):
     assert margin() > before + 1.0
 
 
+def test_replay_examples_are_seeded_rows_of_the_published_order(micro_data):
+    """Replay mixes what pretraining read (decontaminated rows of the published order, hashes
+    checked) into SFT, labelled on every token; the same seed gives the same rows."""
+    import random
+
+    from pipeline.data import PublishedOrder
+    from pipeline.posttrain import replay_examples
+
+    dirs = dict(blend_dir=micro_data / "artifacts/blend", tokenize_dir=micro_data / "artifacts/tokenize")
+    assert replay_examples(0, 32, 7, **dirs) == ([], None)
+    got, blend_sha = replay_examples(5, 32, 7, **dirs)
+    order = PublishedOrder(**dirs)
+    rows = random.Random("7-replay").sample(range(len(order.indices)), 5)
+    assert [e.input_ids for e in got] == [[int(t) for t in order.instance(r)[:32]] for r in rows]
+    assert all(e.labels == e.input_ids and len(e.input_ids) == 32 for e in got)
+    assert blend_sha == sha256_file(micro_data / "artifacts/blend/blend.json")
+    assert [e.input_ids for e in replay_examples(5, 32, 7, **dirs)[0]] == [e.input_ids for e in got]
+    assert [e.input_ids for e in replay_examples(5, 32, 8, **dirs)[0]] != [e.input_ids for e in got]
+
+
 @pytest.mark.e2e
 def test_posttrain_stage_outputs_lineage_metrics_and_is_deterministic(micro_pretrained, copy_workdir, monkeypatch):
     from transformers import AutoModelForCausalLM
