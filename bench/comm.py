@@ -294,7 +294,7 @@ def parity_outputs(out: Path, runs: list[dict], args) -> None:
     ax.axhline(2, color="k", lw=0.8, ls="--")
     ax.set_xlabel("training step")
     ax.set_ylabel("held-out loss gap vs ddp (%)")
-    ax.set_title(f"Parity curve: mean and min..max over {len(seeds)} seeds", fontsize=11)
+    ax.set_title(f"Parity curve: mean and min..max over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}", fontsize=11)
     ax.legend(fontsize=8)
     tmp = out / ".comm_parity.tmp.png"
     fig.tight_layout()
@@ -341,9 +341,8 @@ def main() -> None:
                    help="write the parity table and curve from the runs finished so far (comm_parity.runs.jsonl)")
     args = p.parse_args()
     if args.report_only:
-        runs = finished_runs(args)
-        seeds = {r["seed"] for r in runs if r["spec"] == "ddp"}
-        parity_outputs(Path(args.out), [r for r in runs if r["seed"] in seeds], args)
+        wanted = {int(x) for x in args.seeds.split(",")}
+        parity_outputs(Path(args.out), [r for r in finished_runs(args) if r["seed"] in wanted], args)
         return
     if args.parity:
         if not args.resume:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -37,7 +38,21 @@ def train_steps(model: torch.nn.Module, strategy: Strategy, optimizer, batch_of:
             on_step(step, float(loss))
 
 
+def _die_with_parent() -> None:
+    """A worker whose launcher is killed (not only Ctrl-C on the whole group) stops too, instead of
+    computing on for nobody (Linux: PR_SET_PDEATHSIG)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:          # the launcher died before the call above
+        os._exit(1)
+
+
 def _worker(rank: int, world_size: int, init_file: str, fn: Callable, args: tuple, out_dir: str) -> None:
+    _die_with_parent()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
