@@ -26,7 +26,7 @@ from tests.conftest import MICRO, REPO
 SHORT = {"pretrain": {"steps": 4, "checkpoint_every_steps": 2, "eval_every_steps": 4, "log_every_steps": 2,
                       "eval_tokens": 256}}
 SHORT_YAML = ("base: micro.yaml\npretrain:\n  steps: 4\n  checkpoint_every_steps: 2\n  eval_every_steps: 4\n"
-              "  log_every_steps: 2\n  eval_tokens: 256\n")
+              "  log_every_steps: 2\n  eval_tokens: 256\n  ladder: {steps: []}\n")
 
 
 @contextlib.contextmanager
@@ -359,7 +359,8 @@ def test_kill_between_outputs_never_mixes_two_runs(wd, tmp_path, capsys):
     rec = verify_stage(pre)
     assert sha256_file(pre / "final/model.safetensors") == old_model == rec["model_sha256"]
     assert read_json(pre / "metrics.json")["model_sha256"] == old_model
-    assert read_json(pre / "final/lineage.json")["recipe_sha256"] == rec["recipe_sha256"]
+    # lineage (whole recipe) and provenance (the stage's own keys) are both the old run's, not seed 8's
+    assert read_json(pre / "final/lineage.json")["recipe"]["seed"] == rec["config"]["seed"] != 8
     # the killed run wrote its own checkpoints (the old ones went after its first one was written)
     new_ckpts = sorted(p.name for p in (pre / "checkpoints").iterdir())
     assert new_ckpts == old_ckpts

@@ -399,6 +399,8 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
 
     lineage = {"git": git_commit(), **run_hashes, "world_size": ctx.world_size, **engine.lineage}
     tokens_per_step = order.batch_size * order.seq_len
+    # held-out windows first: bad input (a damaged val file) stops the run before it touches the ladder
+    windows = val_windows(order, order.seq_len, cfg.eval_tokens)
     # -- the ladder: rungs of this run in checkpoints/ladder/ (kept on resume, like the checkpoints)
     work = root / "ladder"
     rung_at = set(rung_steps)
@@ -413,6 +415,16 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
         if ctx.rank == 0:
             work.mkdir(parents=True, exist_ok=True)
             write_json(work / ladder.INIT, {"init_sha256": ladder.weights_sha256(init), "seed": recipe.seed})
+    elif ctx.rank == 0 and not (work / ladder.INIT).is_file():
+        # resumed from a checkpoint written without a ladder (another engine's, e.g. torchft's): the
+        # initialization is the seed's, rebuilt the way it was built above, so the chain still starts there
+        resumed_rng = rng_state()   # build_model reseeds torch: the resumed RNG must go on untouched
+        seeded = build_model(cfg.model, vocab_size(dirs.tokenizer), order.seq_len, special_ids(dirs.tokenizer),
+                             seed=recipe.seed)
+        set_rng_state(resumed_rng)
+        work.mkdir(parents=True, exist_ok=True)
+        write_json(work / ladder.INIT, {"init_sha256": ladder.weights_sha256(seeded), "seed": recipe.seed})
+        del seeded
     prev_rung = ladder.read_rungs(work)[-1:] if ctx.rank == 0 else []
 
     def write_rung(step: int) -> None:
@@ -426,7 +438,6 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
         _barrier(ctx)
     if mismatch:
         lineage["resume_mismatch"] = mismatch  # resumed on purpose from another run's checkpoint
-    windows = val_windows(order, order.seq_len, cfg.eval_tokens)
 
     def evaluate_now() -> dict | None:
         if engine.collective_forward:
