@@ -113,6 +113,7 @@ pretrain:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_islands_ddp_inside_diloco_across_equals_diloco_with_accumulation(micro_data, copy_workdir):
     """islands: 2 of 2 torchrun workers each (DDP inside, DiLoCo across) trains exactly what DiLoCo
     on 2 workers with 2 accumulation micro-batches trains (an island = one DiLoCo worker whose

@@ -72,6 +72,7 @@ def free_port() -> int:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_two_nodes_on_one_host_equal_one_node(micro_data, copy_workdir):
     work = copy_workdir(micro_data)
     (work / "tests/recipes/micro_one.yaml").write_text(

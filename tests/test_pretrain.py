@@ -322,6 +322,7 @@ def test_deepspeed_zero2_two_cpu_workers_matches_ddp_and_resumes_bitwise(referen
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_deepspeed_real_divergence_stops_with_exit_2(micro_data, tmp_path):
     work = fresh_copy(micro_data, tmp_path / "work")
     assert_stopped_at_divergence(work, diverge(work, "  distributed: {world_size: 2, engine: deepspeed, zero_stage: 2}\n"))

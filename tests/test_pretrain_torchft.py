@@ -143,6 +143,7 @@ def test_sigkilled_replica_is_restarted_heals_and_ends_on_plain_diloco_weights(m
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_late_replica_from_a_second_omp_pretrain_heals_and_ends_on_plain_diloco_weights(micro_data, copy_workdir):
     work = copy_workdir(micro_data)
     ft, plain = recipes(work, "int4", min_replicas=1)
