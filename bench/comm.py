@@ -35,6 +35,7 @@ import torch
 from pipeline.config import DistributedCfg
 from pipeline.data import PublishedOrder
 from pipeline.io import atomic_write_text, write_json
+from pipeline.lowcomm.diloco import _assign
 from pipeline.lowcomm.loop import make_strategy, spawn, train_steps
 
 
@@ -205,7 +206,6 @@ def parity_plan(comm, args) -> list[dict]:
                 if (step + 1) % args.eval_every:
                     return
                 if cfg.mode == "diloco":
-                    from pipeline.lowcomm.diloco import _assign
                     ps = list(shadow.parameters())
                     _assign(ps, list(range(len(ps))), strategy.state["fragments"][0]["global"])
                     m = shadow

@@ -374,8 +374,11 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
                           f"global batch {order.batch_size} does not split into {ctx.world_size} workers x "
                           f"{cfg.grad_accum_steps} micro-batches")
 
-    model = build_model(cfg.model, vocab_size(dirs.tokenizer), order.seq_len, special_ids(dirs.tokenizer),
-                        seed=recipe.seed)
+    def seeded_model() -> torch.nn.Module:   # the initialization: the first ladder rung's parent
+        return build_model(cfg.model, vocab_size(dirs.tokenizer), order.seq_len, special_ids(dirs.tokenizer),
+                           seed=recipe.seed)
+
+    model = seeded_model()
     engine = make_engine(recipe, model, ctx, total, order.batch_size)
     seed_worker(recipe.seed, ctx.rank)
 
@@ -419,8 +422,7 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
         # resumed from a checkpoint written without a ladder (another engine's, e.g. torchft's): the
         # initialization is the seed's, rebuilt the way it was built above, so the chain still starts there
         resumed_rng = rng_state()   # build_model reseeds torch: the resumed RNG must go on untouched
-        seeded = build_model(cfg.model, vocab_size(dirs.tokenizer), order.seq_len, special_ids(dirs.tokenizer),
-                             seed=recipe.seed)
+        seeded = seeded_model()
         set_rng_state(resumed_rng)
         work.mkdir(parents=True, exist_ok=True)
         write_json(work / ladder.INIT, {"init_sha256": ladder.weights_sha256(seeded), "seed": recipe.seed})
