@@ -245,3 +245,23 @@ def test_bits_per_byte_stderr_is_the_ratio_estimator_stderr():
     expect = math.sqrt(sum((v - mu) ** 2 for v in x) / 3) / 2
     assert abs(ratio_stderr(pairs) - expect) < 1e-12
     assert ratio_stderr(pairs[:1]) is None
+
+
+def test_lm_eval_speed_up_renders_the_same_prompts_and_collects_the_environment_once():
+    """evaluate's lm-eval speed-up (compiled templates kept, environment collected once) changes no
+    prompt and no recorded field; a second call does not wrap twice."""
+    import lm_eval.utils
+    import torch.utils.collect_env as collect_env
+
+    from pipeline.evaluate import speed_up_lm_eval
+
+    tmpl = "Q: {{ question | regex_replace('\\\\s+', ' ') }}\nA:"
+    docs = [{"question": "What  is\n2 + 2?"}, {"question": "7 -  3"}]
+    before = [lm_eval.utils.apply_template(tmpl, d) for d in docs]
+    speed_up_lm_eval()
+    fn = lm_eval.utils.apply_template
+    speed_up_lm_eval()
+    assert lm_eval.utils.apply_template is fn
+    assert [fn(tmpl, d) for d in docs] == before == ["Q: What is 2 + 2?\nA:", "Q: 7 - 3\nA:"]
+    first = collect_env.get_pretty_env_info()
+    assert "PyTorch version" in first and collect_env.get_pretty_env_info() is first

@@ -184,3 +184,41 @@ def test_posttrain_stage_outputs_lineage_metrics_and_is_deterministic(micro_pret
     monkeypatch.chdir(work)
     posttrain.run(load_recipe(MICRO), out_dir=work / "again")
     assert sha256_file(work / "again/final/model.safetensors") == sha256_file(out / "final/model.safetensors")
+
+
+def test_length_groups_and_scored_positions_give_the_loss_of_the_whole_padded_batch():
+    """SFT's two speed-ups change no number: the head applied only where a label is scored, and a
+    batch cut into length groups, give the full-logits per-sequence log-probs and the same gradient."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.posttrain import IGNORE, Example, collate, length_groups, token_logprobs
+
+    assert length_groups([128, 20, 20, 20, 20, 20, 20, 128]) == [[1, 2, 3, 4, 5, 6], [0, 7]]
+    assert length_groups([30, 31, 30]) == [[0, 2, 1]]          # nothing to gain: one group
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         tie_word_embeddings=True))
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for n in (120, 9, 7, 12, 120, 8, 10, 11):
+        ids = torch.randint(1, 97, (n,), generator=g).tolist()
+        rows.append(Example(ids, [IGNORE] * (n // 2) + ids[n // 2:]))
+    batch = collate(rows, 0)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    ref = (torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+           * (labels != IGNORE)).sum(-1)
+    lp, n = token_logprobs(model, batch)
+    torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-5)
+    assert n.tolist() == [(len(r.labels) - 1) - (len(r.labels) // 2 - 1) for r in rows]
+    (-ref.sum() / n.sum()).backward()
+    whole = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    groups = length_groups([len(r.input_ids) for r in rows])
+    assert len(groups) == 2
+    for grp in groups:
+        part, _ = token_logprobs(model, collate([rows[j] for j in grp], 0))
+        (-part.sum() / n.sum()).backward()
+    for a, b in zip(whole, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
