@@ -11,6 +11,12 @@ import pipeline
 from pipeline.config import Recipe, config_sha256, recipe_dict, recipe_path, recipe_sha256, recipe_subset
 
 
+# paths no stage reads (dvc.yaml lists what each one does): changes to them move neither the lineage's
+# code commit nor its dirty flag
+NOT_CHAIN = (":(top,exclude)dvc.lock", ":(top,glob,exclude)**/*.md", ":(top,exclude)tests",
+             ":(top,exclude)bench", ":(top,exclude).ci", ":(top,exclude)LICENSE")
+
+
 def git_commit(cwd: str | Path = ".") -> dict:
     def run(*args):
         try:
@@ -23,10 +29,11 @@ def git_commit(cwd: str | Path = ".") -> dict:
         return {"commit": None, "dirty": None}
     # dvc.lock is the record DVC writes while the chain runs (lineage embeds its stage hashes), not
     # code: a commit that only refreshes it, and its rewrite during `dvc repro`, leave the code as it
-    # was. So `commit` is the last commit that changed anything else, and `dirty` ignores it; then
-    # `make repro` on a fresh clone of a commit with a current dvc.lock rewrites that lock unchanged.
-    code = run("log", "-1", "--format=%H", "--", ":/", ":(top,exclude)dvc.lock")
-    status = run("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)dvc.lock")
+    # was. Nor can prose, tests, benchmarks or CI change what a stage writes (NOT_CHAIN). So `commit` is
+    # the last commit that changed anything else, and `dirty` ignores them; then `make repro` on a fresh
+    # clone of a commit with a current dvc.lock rewrites that lock unchanged, also after a README fix.
+    code = run("log", "-1", "--format=%H", "--", ":/", *NOT_CHAIN)
+    status = run("status", "--porcelain", "--untracked-files=no", "--", ":/", *NOT_CHAIN)
     commit = code.stdout.strip() if code is not None and code.returncode == 0 and code.stdout.strip() else \
         head.stdout.strip()
     return {"commit": commit, "dirty": bool(status and status.stdout.strip())}

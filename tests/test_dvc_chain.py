@@ -207,4 +207,16 @@ def test_lineage_commit_is_the_code_commit_and_dvc_lock_is_not_dirt(tmp_path):
     (repo / "code.py").write_text("x = 2\n")
     assert git_commit(repo)["dirty"] is True
     git(repo, "commit", "-qam", "code 2")
-    assert git_commit(repo) == {"commit": git(repo, "rev-parse", "HEAD").strip(), "dirty": False}
+    code_commit = git(repo, "rev-parse", "HEAD").strip()
+    assert git_commit(repo) == {"commit": code_commit, "dirty": False}
+    # prose, tests and benchmarks are read by no stage: editing or committing them moves nothing
+    for path in ("README.md", "docs/guide.md", "tests/test_x.py", "bench/b.py"):
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text("new\n")
+        git(repo, "add", path)
+        assert git_commit(repo) == {"commit": code_commit, "dirty": False}, path
+        git(repo, "commit", "-qm", f"edit {path}")
+        assert git_commit(repo) == {"commit": code_commit, "dirty": False}, path
+    (repo / "code.md.py").write_text("y = 1\n")   # code whose name merely contains .md
+    git(repo, "add", "code.md.py")
+    assert git_commit(repo)["dirty"] is True
