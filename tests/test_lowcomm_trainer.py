@@ -35,7 +35,7 @@ def pretrain_with(work, name: str, recipe: str, *extra: str) -> dict:
 
 
 @pytest.mark.e2e
-@pytest.mark.slow   # ~40 s / ~21 s of two-worker start-up: `make test` must stay under 15 min on 2 cores
+@pytest.mark.slow   # ~40 s of two-worker start-up: `make test` stays under 15 min on 2 cores
 def test_trainer_runs_diloco_int4_on_two_workers(micro_data, copy_workdir):
     work = copy_workdir(micro_data)
     m = pretrain_with(work, "micro_diloco", RECIPE)
@@ -84,7 +84,7 @@ pretrain:
 
 
 @pytest.mark.e2e
-@pytest.mark.slow   # ~40 s / ~21 s of two-worker start-up: `make test` must stay under 15 min on 2 cores
+@pytest.mark.slow   # ~21 s, as above
 def test_trainer_runs_demo_on_two_workers(micro_data, copy_workdir):
     m = pretrain_with(copy_workdir(micro_data), "micro_demo", DEMO)
     assert m["mode"] == "demo" and m["world_size"] == 2
