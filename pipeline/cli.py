@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -306,6 +307,37 @@ def describe(exc: BaseException) -> str:
     return f"{one_line(exc)}{where}; run with --debug for the traceback"
 
 
+TORCH_STAGES = ("pretrain", "posttrain", "quantize", "evaluate")
+
+
+def enter_numerics(args) -> None:
+    """Pin the recipe's CPU numerics (pipeline/numerics.py) before anything imports torch; every
+    process the stage starts inherits them. Stages that never compute with torch (the data stages,
+    the release) pin nothing; `omp verify` (it rebuilds the seed's initialization) pins the default
+    profile where the environment is silent; `omp recreate` enters the profile the lineage records."""
+    from pipeline import numerics
+
+    if getattr(args, "recipe", None) is not None and args.command in TORCH_STAGES:
+        numerics.enter_recipe(_recipe(args), args.command, where=f"{args.recipe}: platform.numerics")
+    elif args.command == "verify" and numerics.PROFILE_VAR not in os.environ:
+        for k, v in numerics.pinned_env("portable", 2).items():
+            os.environ.setdefault(k, v)
+
+
+def write_machine(stage: str) -> None:
+    """The CPU and the numerics this stage ran with, for information, apart from every hashed output
+    (as the timings: artifacts/timings/machine-<stage>.json), so equal runs still write equal files."""
+    from pipeline import numerics
+    from pipeline.io import write_json
+
+    rec = {"stage": stage, **numerics.machine()}
+    if "torch" in sys.modules:
+        rec["numerics"] = numerics.in_force()
+    path = Path("artifacts/timings") / f"machine-{stage}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, rec)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
@@ -317,11 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pretrain" and args.node_rank:
         args.lock = None   # another node of this torchrun job (node 0 holds the lock on a shared folder)
     try:
+        enter_numerics(args)
         if getattr(args, "lock", None):
             from pipeline.lock import output_lock
 
             with output_lock(args.lock, command=f"omp {args.command}"):
                 args.fn(args)
+            if args.command in TORCH_STAGES:
+                write_machine(args.command)
         else:
             args.fn(args)
     except BrokenPipeError:

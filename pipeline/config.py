@@ -484,7 +484,8 @@ class PretrainCfg(Strict):
     log_every_steps: PosInt = 10
     compile: StrictBool = False                  # torch.compile the model
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
-    threads: PosInt | None = None          # torch threads per worker (None: cores // world_size)
+    threads: PosInt | None = None          # torch threads per worker (None: platform.threads // world_size,
+                                           # or cores // world_size under platform.numerics native)
     distributed: DistributedCfg = DistributedCfg()
     ladder: LadderCfg = LadderCfg()
 
@@ -506,6 +507,20 @@ class ReleaseCfg(Strict):
     tags: list[str] = []
 
 
+# --- where the numerics come from (pipeline/numerics.py)
+
+
+class PlatformCfg(Strict):
+    """CPU numerics of every process the chain starts (pipeline/numerics.py). portable (default):
+    ATen at AVX2, MKL's CNR AVX2 branch, oneDNN at most AVX2, `threads` threads: the same bits on
+    any Intel CPU with AVX2 (and on any AMD CPU with AVX2, against other AMD CPUs: MKL runs its AUTO
+    branch there). compatible: MKL's COMPATIBLE branch too, the same bits across vendors (~2.4x
+    slower GEMMs). native: nothing pinned, the CPU's fastest paths, bitwise only on the same CPU."""
+    numerics: Literal["portable", "compatible", "native"] = "portable"
+    threads: PosInt = 2               # intra-op threads per process (portable, compatible); split over
+                                      # torchrun workers unless pretrain.threads is set
+
+
 # --- sections added by later stages go above this line; their fields go in Recipe below
 
 
@@ -521,6 +536,7 @@ class Recipe(Strict):
     quantize: QuantizeCfg = QuantizeCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
     release: ReleaseCfg = ReleaseCfg()
+    platform: PlatformCfg = PlatformCfg()
     # folders outside the project this recipe may read (posttrain local files, tokenizer.pretrained_dir,
     # ...); empty: every local path must lie inside the project
     allow_paths: list[str] = []

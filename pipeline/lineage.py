@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,10 +51,10 @@ STAGE_KEYS: dict[str, list[str]] = {
     "tokenizer": ["seed", "data.manifest", "tokenizer"],
     "tokenize": ["data.manifest", "tokenize"],
     "blend": ["seed", "data.manifest", "blend"],
-    "pretrain": ["seed", "pretrain"],
-    "posttrain": ["seed", "data.manifest", "tokenize.val_per_mille", "posttrain"],
-    "quantize": ["name", "seed", "blend.seq_len", "quantize"],
-    "evaluate": ["seed", "evaluate"],
+    "pretrain": ["seed", "pretrain", "platform"],
+    "posttrain": ["seed", "data.manifest", "tokenize.val_per_mille", "posttrain", "platform"],
+    "quantize": ["name", "seed", "blend.seq_len", "quantize", "platform"],
+    "evaluate": ["seed", "evaluate", "platform"],
 }
 
 
@@ -66,6 +67,12 @@ def provenance(stage: str, recipe: Recipe, inputs: dict[str, str] | None = None,
     commit is recorded once, in the release lineage (chain_lineage).
     """
     keys = STAGE_KEYS.get(stage)
+    if keys is not None and "platform" in keys and "numerics" not in extra:
+        # the stages that compute with torch record the numerics in force (pipeline/numerics.py):
+        # machine-independent under portable, the CPU's own choices under native
+        from pipeline.numerics import in_force
+
+        extra["numerics"] = in_force()
     scope = {"config_keys": keys, "config": recipe_subset(recipe, keys), "config_sha256": config_sha256(recipe, keys)} \
         if keys is not None else {"config_keys": None, "config": recipe_dict(recipe), "recipe_sha256": recipe_sha256(recipe)}
     return {
@@ -77,6 +84,51 @@ def provenance(stage: str, recipe: Recipe, inputs: dict[str, str] | None = None,
         "python": platform.python_version(),
         **extra,
     }
+
+
+LOCK_FILE = Path("requirements.lock")   # every Python package make setup installs, pinned with hashes
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)==([^\s\\;]+)", re.M)
+
+
+def locked_packages(lock: Path = LOCK_FILE) -> dict[str, str]:
+    """name -> version pinned by the environment lock (empty when there is none)."""
+    if not lock.is_file():
+        return {}
+    return {m.group(1).lower(): m.group(2) for m in _PIN.finditer(lock.read_text(encoding="utf-8"))}
+
+
+def installed_versions(names) -> dict[str, str | None]:
+    from importlib import metadata
+
+    out = {}
+    for name in sorted(names):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def environment(lock: Path = LOCK_FILE) -> dict:
+    """The lock's sha256 and the installed version of each package it pins (and torch): equal on
+    every machine set up from the lock, so it can sit in the published lineage."""
+    from pipeline.io import sha256_file
+
+    pins = locked_packages(lock)
+    return {"lock_file": lock.as_posix(), "lock_sha256": sha256_file(lock) if lock.is_file() else None,
+            "packages": installed_versions({*pins, "torch"})}
+
+
+def _stage_numerics(artifacts: Path) -> dict:
+    """The numerics each torch stage recorded in its provenance.json (pipeline/numerics.py)."""
+    from pipeline.io import read_json
+
+    out = {}
+    for stage in ("pretrain", "posttrain", "quantize", "evaluate"):
+        p = Path(artifacts) / stage / "provenance.json"
+        if p.is_file():
+            out[stage] = read_json(p).get("numerics")
+    return out
 
 
 def _file_entry(path: Path) -> dict:
@@ -158,4 +210,9 @@ def chain_lineage(recipe: Recipe, artifacts: Path = Path("artifacts")) -> dict:
                  "decontamination": _decontamination(artifacts)},
         "checkpoints": checkpoints,
         "platform": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
+        # what decided the bits of each torch stage, and the locked environment (omp recreate compares
+        # both with the running machine before any work); the CPU model is kept apart
+        # (artifacts/timings/machine-<stage>.json): it would make two recreations' releases differ
+        "numerics": _stage_numerics(artifacts),
+        "environment": environment(),
     }

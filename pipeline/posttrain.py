@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline import numerics
 from pipeline.config import Recipe, SFTSourceCfg, load_manifest
 from pipeline.device import autocast as device_autocast
 from pipeline.device import resolve as resolve_device
@@ -452,6 +453,7 @@ def run(recipe: Recipe, pretrain_dir: Path = PRETRAIN_DIR, ingest_dir: Path = IN
         out_dir: Path = OUT, blend_dir: Path = BLEND_DIR, tokenize_dir: Path = TOKENIZE_DIR) -> dict:
     cfg, seed = recipe.posttrain, posttrain_seed(recipe)
     torch.manual_seed(seed)
+    numerics.enter_recipe(recipe, "posttrain")   # checks the pins; the same threads in-process as under `omp`
     model, tok = load_model(pretrain_dir)
     model.to(resolve_device(cfg.device, getattr(recipe, "_path", "<recipe>"), "posttrain.device"))
     parent = sha256_file(pretrain_dir / "model.safetensors")

@@ -298,6 +298,62 @@ def compare_release(lineage: dict, release: Path, workdir: Path, until: str,
     return ok, lines
 
 
+def check_environment(lineage: dict) -> tuple[str, list[str]]:
+    """Before any work: the numerics and the Python packages the lineage records against this
+    machine's. Puts the recorded profile in force here (the stages this starts inherit it) and
+    returns (expectation, report lines): "bitwise" when everything that decides the bits is equal,
+    else "tolerance" with each difference named."""
+    from pipeline import numerics
+    from pipeline.lineage import environment
+
+    recipe = Recipe.model_validate(lineage["recipe"])
+    recorded = lineage.get("numerics") or {}
+    profile = recipe.platform.numerics
+    numerics.enter_recipe(recipe, None, where="lineage.json: recipe.platform.numerics")
+    here = numerics.in_force()
+    lines, worst = [], "bitwise"
+    rank = {"bitwise": 0, "bitwise-same-cpu": 1, "tolerance": 2}
+    for stage in ("pretrain", "posttrain", "quantize"):
+        if stage not in recorded:
+            continue
+        mine = {**here, "threads": numerics.threads_for(recipe, stage) or here["threads"]}
+        expect, diffs = numerics.compare(recorded[stage], mine)
+        worst = max(worst, expect, key=rank.get)
+        lines.append(f"numerics of {stage}: {recorded[stage].get('profile') if recorded[stage] else None} -> "
+                     + {"bitwise": "bitwise match expected",
+                        "bitwise-same-cpu": "native profile: bitwise only on the same CPU model",
+                        "tolerance": "differs here; expect a tolerance match only"}[expect])
+        lines += [f"  {d}" for d in diffs]
+    if not recorded:
+        worst = "tolerance"
+        lines.append("numerics: the lineage records none (made before numerics profiles): expect a tolerance match")
+    if worst == "tolerance":
+        lines.append("  what it means: another ATen kernel ISA, MKL branch, thread count or library version rounds "
+                     "differently; " + ("portable pins all of them on Intel CPUs with AVX2, so look at the line above"
+                                        if profile != "native" else
+                                        "native pins nothing, so another CPU generation takes other code paths")
+                     + "; the comparison below prints the largest difference (pass it as --tolerance)")
+    env = lineage.get("environment") or {}
+    mine = environment()
+    if env.get("lock_sha256") and env.get("lock_sha256") != mine.get("lock_sha256"):
+        lines.append(f"environment lock: recorded {str(env.get('lock_sha256'))[:16]}…, here "
+                     f"{str(mine.get('lock_sha256'))[:16]}… ({mine['lock_file']})")
+    recorded_pkgs = env.get("packages") or {}
+    from pipeline.lineage import installed_versions
+
+    installed = installed_versions(recorded_pkgs)
+    differ = [f"  {n}: lineage {v}, installed {installed.get(n)}" for n, v in sorted(recorded_pkgs.items())
+              if installed.get(n) != v]
+    if differ:
+        worst = "tolerance"
+        lines.append(f"{len(differ)} installed package(s) differ from the lineage's environment (make setup installs "
+                     "requirements.lock):")
+        lines += differ
+    elif recorded_pkgs:
+        lines.append(f"environment: all {len(recorded_pkgs)} locked packages at the lineage's versions")
+    return worst, lines
+
+
 def ladder_stage(lineage: dict, step: int) -> str:
     """The stage of rung `step` (`--step`); an error listing the ladder's steps when there is none."""
     rungs = (lineage.get("ladder") or {}).get("rungs") or []
@@ -322,6 +378,8 @@ def run(target: Path, until: str | None = None, workdir: Path | None = None, tol
             raise PipelineError("--step and --until: give one")
         until = ladder_stage(lineage, step)
     until = until or lineage.get("released_variant", "posttrain")
+    expect, env_lines = check_environment(lineage)
+    print("\n".join(env_lines))
     code = git_commit()
     if lineage["code"].get("commit") and code.get("commit") != lineage["code"]["commit"]:
         print(f"warning: this code is at commit {code.get('commit')}, the release was made at "
@@ -338,6 +396,8 @@ def run(target: Path, until: str | None = None, workdir: Path | None = None, tol
     verdict = ("MATCH: every rebuilt file equals the published one"
                + (" bitwise" if tolerance == 0 else f" (tensors within tolerance {tolerance:g})")) if ok else \
         "MISMATCH: the recreated files differ from the published ones"
+    if not ok and expect != "bitwise" and tolerance == 0:
+        verdict += " (as the numerics and environment differences above predicted)"
     print(verdict)
     return 0 if ok else 1
 

@@ -10,6 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import numerics
+
+# the test process runs stages in-process too: pin the default profile's numerics before any test
+# module imports torch (the `omp` processes the tests start pin their own, and inherit these)
+for _k, _v in numerics.pinned_env("portable", 2).items():
+    os.environ.setdefault(_k, _v)
+assert "torch" not in sys.modules, "conftest must run before torch is imported"
+
 REPO = Path(__file__).resolve().parents[1]
 MICRO = "tests/recipes/micro.yaml"
 DATA_STAGES = ["ingest", "tokenizer", "tokenize", "blend"]

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import numerics
 from pipeline.config import Recipe
 from pipeline.errors import PipelineError, RecipeError
 from pipeline.io import atomic_dir, canonical_json, read_json, sha256_bytes, sha256_tree, write_json
@@ -278,6 +279,7 @@ def evaluate_variant(variant: Variant, cfg, tm, std_tm=None, seed: int = 0,
 
 
 def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dict:
+    numerics.enter_recipe(recipe, "evaluate")   # checks the pins; the same threads in-process as under `omp`
     from pipeline import leaderboard
     from pipeline.config import recipe_path
     from pipeline.evaluate import arena, contamination

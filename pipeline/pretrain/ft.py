@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import numerics
 from pipeline.config import Recipe, recipe_dict, recipe_path
 from pipeline.errors import PipelineError, RecipeError
 from pipeline.io import read_json, write_json
@@ -98,7 +99,6 @@ def launch(recipe: Recipe, out_dir: Path, resume: str, dirs, replica_ids: list[i
     """Start (and supervise) this host's replica processes; returns metrics.json when replica 0's
     outputs are here, else a summary."""
     from pipeline.lowcomm.ft import lighthouse_status
-    from pipeline.pretrain.launch import worker_threads
 
     d = recipe.pretrain.distributed
     ft = d.torchft
@@ -121,7 +121,7 @@ def launch(recipe: Recipe, out_dir: Path, resume: str, dirs, replica_ids: list[i
     write_json(ctl / "lighthouse.json", {"address": address})
     spec = ctl / f"recipe-{os.getpid()}.json"
     write_json(spec, {"path": recipe_path(recipe), "recipe": recipe_dict(recipe)})
-    env = {**os.environ, "OMP_NUM_THREADS": str(worker_threads(recipe))}
+    env = numerics.child_env(numerics.threads_for(recipe, "pretrain"))
 
     def start(i: int, how: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "pipeline.pretrain.worker", "--spec", str(spec), "--out", str(out_dir),
@@ -222,13 +222,13 @@ def _wait_hooks(out_dir: Path, replica_id: int, address: str):
 
 def train_replica(recipe: Recipe, out_dir: Path, resume: str, dirs, replica_id: int, address: str) -> dict:
     from pipeline import checkpoint as ckpt
-    from pipeline.lineage import git_commit
+    from pipeline.lineage import environment, git_commit
     from pipeline.lowcomm.ft import ManagerComm, ReplicaState, make_manager, round_of, rounds_in, run_rounds
     from pipeline.config import recipe_sha256
     from pipeline.data import PublishedOrder
     from pipeline.model import build_model, count_params, special_ids, vocab_size
     from pipeline.pretrain.engines import PlainEngine
-    from pipeline.pretrain.trainer import (Context, cpu_cores, evaluate, load_checkpoint, save_checkpoint,
+    from pipeline.pretrain.trainer import (Context, evaluate, load_checkpoint, save_checkpoint,
                                            seed_worker, set_determinism, val_windows)
 
     cfg = recipe.pretrain
@@ -239,7 +239,7 @@ def train_replica(recipe: Recipe, out_dir: Path, resume: str, dirs, replica_id: 
         ctx.device = torch.device("cuda", replica_id % torch.cuda.device_count())
         torch.cuda.set_device(ctx.device)
     ctx.autocast = ctx.device.type == "cuda" and cfg.precision != "fp32" or cfg.precision == "bf16"
-    set_determinism(cfg.threads or max(1, cpu_cores() // d.world_size), ctx.device)
+    set_determinism(numerics.threads_for(recipe, "pretrain"), ctx.device)
     order = PublishedOrder(dirs.blend, dirs.tokenize)
     total = cfg.steps or order.steps
     try:
@@ -272,6 +272,7 @@ def train_replica(recipe: Recipe, out_dir: Path, resume: str, dirs, replica_id: 
         parent = path.name
     engine.setup()
     lineage = {"git": git_commit(), **run_hashes, "world_size": d.world_size, "mode": "diloco",
+               "numerics": numerics.in_force(), "environment": environment(),
                "engine": "torchft"}
     if mismatch:
         lineage["resume_mismatch"] = mismatch

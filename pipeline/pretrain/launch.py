@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline import numerics
 from pipeline.config import Recipe, recipe_dict, recipe_path
 from pipeline.errors import PipelineError
 from pipeline.io import read_json, write_json
@@ -38,12 +39,6 @@ def run(recipe: Recipe, out_dir: Path = OUT, resume: str = "none", dirs=None, no
 
         return train(recipe, Path(out_dir), resume, dirs, stop_at=stop_at)
     return launch_workers(recipe, Path(out_dir), resume, dirs, node_rank, stop_at)
-
-
-def worker_threads(recipe: Recipe) -> int:
-    from pipeline.pretrain.trainer import cpu_cores
-
-    return recipe.pretrain.threads or max(1, cpu_cores() // recipe.pretrain.distributed.world_size)
 
 
 def worker_args(spec: Path, out_dir: Path, resume: str, dirs, stop_at: int | None = None) -> list[str]:
@@ -87,7 +82,7 @@ def launch_workers(recipe: Recipe, out_dir: Path, resume: str, dirs, node_rank: 
     spec = out_dir / ".recipe.json"
     write_json(spec, {"path": recipe_path(recipe), "recipe": recipe_dict(recipe)})
     cmd = launch_command(recipe, spec, out_dir, resume, dirs, node_rank, stop_at)
-    env = {**os.environ, "OMP_NUM_THREADS": str(worker_threads(recipe))}
+    env = numerics.child_env(numerics.threads_for(recipe, "pretrain"))
     if d.engine == "deepspeed":
         import torch
 

@@ -41,7 +41,8 @@ from pipeline.config import PretrainCfg, Recipe, recipe_dict, recipe_sha256
 from pipeline.data import PublishedOrder
 from pipeline.errors import PipelineError, RecipeError
 from pipeline.io import read_json, write_json
-from pipeline.lineage import git_commit
+from pipeline import numerics
+from pipeline.lineage import environment, git_commit
 from pipeline.model import build_model, count_params, special_ids, vocab_size
 from pipeline.pretrain.engines import make_adamw, make_engine  # noqa: F401 - make_adamw re-exported
 
@@ -94,11 +95,7 @@ def init_distributed(backend: str) -> Context:
     return Context(rank=rank, world_size=ws, device=device, control=control)
 
 
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+cpu_cores = numerics.cpu_cores   # kept importable from here (bench scripts)
 
 
 def set_determinism(threads: int, device: torch.device | None = None) -> None:
@@ -354,7 +351,7 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
 
         deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else "gloo")
     ctx.autocast = ctx.device.type == "cuda" and cfg.precision != "fp32" or cfg.precision == "bf16"
-    set_determinism(cfg.threads or max(1, cpu_cores() // ctx.world_size), ctx.device)
+    set_determinism(numerics.threads_for(recipe, "pretrain"), ctx.device)
 
     order = PublishedOrder(dirs.blend, dirs.tokenize)
     if cfg.steps is not None and cfg.steps > order.steps:
@@ -400,7 +397,8 @@ def train(recipe: Recipe, out_dir: Path, resume: str = "none", dirs: DataDirs | 
             print(f"resumed from {path} (step {start})")
     engine.setup()
 
-    lineage = {"git": git_commit(), **run_hashes, "world_size": ctx.world_size, **engine.lineage}
+    lineage = {"git": git_commit(), **run_hashes, "world_size": ctx.world_size, **engine.lineage,
+               "numerics": numerics.in_force(), "environment": environment()}
     tokens_per_step = order.batch_size * order.seq_len
     # held-out windows first: bad input (a damaged val file) stops the run before it touches the ladder
     windows = val_windows(order, order.seq_len, cfg.eval_tokens)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,10 +24,19 @@ def main(argv=None) -> int:
     p.add_argument("--lighthouse", default=None, help="engine torchft: the Lighthouse address")
     a = p.parse_args(argv)
 
+    from pipeline import numerics
     from pipeline.pretrain.launch import EXIT_FILE, load_spec
-    from pipeline.pretrain.trainer import DataDirs
 
     recipe = load_spec(Path(a.spec))
+    try:   # the launcher gave this process the profile's environment: checked, threads set, before torch loads
+        numerics.enter_recipe(recipe, "pretrain", where=f"{a.spec} (pretrain worker)")
+    except PipelineError as e:
+        if os.environ.get("RANK", "0") == "0":
+            write_json(Path(a.out) / EXIT_FILE, {"message": str(e)})
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from pipeline.pretrain.trainer import DataDirs
+
     dirs = DataDirs(Path(a.blend_dir), Path(a.tokenize_dir), Path(a.tokenizer_dir))
     from pipeline.pretrain.trainer import train  # one loop; the engine (plain or DeepSpeed) comes from the recipe
     try:

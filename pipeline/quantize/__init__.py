@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline import numerics
 from pipeline.config import Recipe
 from pipeline.device import resolve as resolve_device
 from pipeline.errors import CheckpointError, DataIntegrityError
@@ -187,6 +188,7 @@ def run(recipe: Recipe, model_dir: Path = MODEL_DIR, blend_dir: Path = BLEND_DIR
         tokenize_dir: Path = TOKENIZE_DIR, out_dir: Path = OUT) -> dict:
     cfg = recipe.quantize
     torch.manual_seed(recipe.seed)
+    numerics.enter_recipe(recipe, "quantize")   # checks the pins; the same threads in-process as under `omp`
     model, tok = _load(model_dir)
     eval_w, calib_w = heldout_windows(blend_dir, tokenize_dir, cfg.seq_len or recipe.blend.seq_len,
                                       cfg.eval_windows, cfg.calib_windows)
