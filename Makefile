@@ -10,11 +10,15 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 setup: $(STAMP)
 
-# torch first, pinned (a CPU wheel); then the project, editable, with its dev extras.
-$(STAMP): pyproject.toml
+# A locked install (hashes for everything; regenerate with `python3.11 tools/lock_env.py`):
+# torch first (the local CPU wheel) with setuptools, then every other package from requirements.lock,
+# then the project itself, editable, without deps. --no-deps throughout: pip resolves nothing.
+$(STAMP): requirements-torch.lock requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements-torch.lock
+	$(BIN)/pip install --quiet --require-hashes --no-deps --no-build-isolation -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $(STAMP)
 
 repro: $(STAMP)

@@ -13,6 +13,13 @@ out, so MFU is slightly understated at long sequences). Peak: --peak-tflops, or 
 peak of a known GPU (H100/H200 SXM 989 TFLOP/s, A100 312).
 
     python bench/throughput.py --device cpu --models tiny --steps 40
+    python bench/throughput.py --numerics portable,native,compatible --steps 40 --repeats 3
+
+`--numerics` runs each CPU numerics profile (pipeline/numerics.py) in a process of its own (the pins
+must be in the environment before torch loads), alternating them `--repeats` times, and prints their
+tokens/s side by side: pretraining on the recipe (the trainer), an SFT-shaped training pass
+(posttrain's batch x max_len_tokens rows, same model and AdamW) and a held-out eval pass (no_grad
+forwards, evaluate's batch size), plus each profile's cost against native.
     python bench/throughput.py --device cuda --models 125m --compile --precision bf16 --steps 60
 
 Needs the data stages' artifacts (artifacts/blend, tokenize, tokenizer) in the working directory.
@@ -91,7 +98,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1,
                     help="alternate ours/bare this many times; tokens/s: the best; ratio: the median of the pairs")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the recipe's, or all cores)")
+    ap.add_argument("--numerics", default=None, metavar="P,Q,...",
+                    help="compare CPU numerics profiles (portable, compatible, native) side by side")
+    ap.add_argument("--as-profile", default=None, help=argparse.SUPPRESS)   # one child of --numerics
     a = ap.parse_args(argv)
+    if a.numerics:
+        return compare_numerics(a, argv if argv is not None else sys.argv[1:])
+    if a.as_profile:
+        return profile_child(a)
     if a.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""   # before anything initialises CUDA
 
@@ -151,6 +165,110 @@ def main(argv=None) -> int:
             return f"{6 * r['N'] * tps / (r['peak'] * 1e12):.1%}" if r["peak"] else "n/a"
         print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['N'] / 1e6:.1f}M | {r['ours']:,.0f} | {r['bare']:,.0f} | "
               f"{r['ratio']:.3f} | {mfu(r['ours'])} | {mfu(r['bare'])} |")
+    return 0
+
+
+def compare_numerics(a, argv: list[str]) -> int:
+    """Parent of --numerics: one child process per profile and repeat, alternating; best of each."""
+    import json
+    import subprocess
+
+    from pipeline import numerics
+
+    profiles = a.numerics.split(",")
+    bad = [p for p in profiles if p not in numerics.PROFILES]
+    if bad:
+        print(f"error: --numerics: unknown profile(s) {bad} (choose from {', '.join(numerics.PROFILES)})", file=sys.stderr)
+        return 2
+    rest, skip = [], False
+    for x in argv:   # the child gets the same options, less --numerics
+        if skip:
+            skip = False
+            continue
+        if x == "--numerics":
+            skip = True
+            continue
+        if not x.startswith("--numerics="):
+            rest.append(x)
+    clean = {k: v for k, v in os.environ.items()
+             if k not in (*numerics.ISA_VARS, *numerics.THREAD_VARS, numerics.PROFILE_VAR)}
+    best: dict[str, dict] = {}
+    for r in range(a.repeats):
+        for prof in profiles:
+            proc = subprocess.run([sys.executable, __file__, *rest, "--repeats", "1", "--as-profile", prof],
+                                  env={**clean, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return proc.returncode
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"repeat {r + 1}/{a.repeats} {prof}: " + ", ".join(f"{k} {v:,.0f}" for k, v in res["tps"].items()),
+                  file=sys.stderr, flush=True)
+            cur = best.setdefault(prof, {"tps": {}, "numerics": res["numerics"]})
+            for k, v in res["tps"].items():
+                cur["tps"][k] = max(cur["tps"].get(k, 0.0), v)
+    m = numerics.machine()
+    print(f"\nCPU: {m['cpu_model']} ({m['vendor']}; {', '.join(m['isa'])}); {a.steps} steps; best of {a.repeats} "
+          "alternating run(s) per profile; tokens/s (cost against native)\n")
+    kinds = [("pretrain", "pretrain (trainer)"), ("sft", "SFT-shaped training"), ("eval", "held-out eval")]
+    print("| profile | ATen | MKL branch | threads | " + " | ".join(k[1] for k in kinds) + " |")
+    print("|---|---|---|---:|" + "---:|" * len(kinds))
+    base = best.get("native")
+    for prof in profiles:
+        b, n = best[prof], best[prof]["numerics"]
+        cells = []
+        for k, _ in kinds:
+            v = b["tps"][k]
+            cost = f" ({v / base['tps'][k] - 1:+.1%})" if base and prof != "native" else ""
+            cells.append(f"{v:,.0f}{cost}")
+        print(f"| {prof} | {n['torch_cpu_capability']} | {n['mkl_cnr']} | {n['threads']} | " + " | ".join(cells) + " |")
+    return 0
+
+
+def profile_child(a) -> int:
+    """One profile in this process: pins first, then torch; prints one JSON line of tokens/s."""
+    import json
+
+    from pipeline import numerics
+    from pipeline.config import load_recipe
+
+    probe = load_recipe(a.recipe)
+    threads = a.threads or probe.platform.threads
+    numerics.enter(a.as_profile, threads, "bench/throughput.py --numerics")
+    import numpy as np
+    import torch
+
+    from pipeline.data import PublishedOrder
+    from pipeline.pretrain.trainer import train, val_windows
+
+    over = {"pretrain": {"steps": a.steps, "eval_every_steps": 10**6, "checkpoint_every_steps": 10**6,
+                         "eval_tokens": 256, "log_every_steps": 10**6, "threads": threads},
+            "platform": {"numerics": a.as_profile, "threads": threads}}
+    recipe = load_recipe(a.recipe, overrides=over)
+    torch.set_num_threads(threads)
+    tps = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tps["pretrain"] = train(recipe, Path(tmp) / "pretrain")["tokens_per_s"]
+    order = PublishedOrder()
+    pt = recipe.posttrain
+    flat = np.concatenate([order.batch(s).reshape(-1) for s in range(min(a.steps, order.steps))])
+    per = pt.batch_size * pt.max_len_tokens
+    sft = [torch.from_numpy(flat[i * per:(i + 1) * per].reshape(pt.batch_size, pt.max_len_tokens).astype(np.int64))
+           for i in range(min(a.steps, len(flat) // per))]
+    tps["sft"] = bare_loop(recipe, sft, torch.device("cpu"), False, False, 1)
+    from pipeline.model import build_model, special_ids, vocab_size
+
+    tok_dir = Path("artifacts/tokenizer")
+    model = build_model(recipe.pretrain.model, vocab_size(tok_dir), order.seq_len, special_ids(tok_dir), seed=recipe.seed)
+    model.eval()
+    windows = torch.cat(list(val_windows(order, order.seq_len, 16 * order.seq_len * 4).values()))
+    bs = recipe.evaluate.batch_size
+    with torch.no_grad():
+        model(input_ids=windows[:bs])
+        t0 = time.perf_counter()
+        for i in range(0, len(windows), bs):
+            model(input_ids=windows[i:i + bs], labels=windows[i:i + bs])
+        tps["eval"] = windows.numel() / (time.perf_counter() - t0)
+    print(json.dumps({"tps": tps, "numerics": numerics.in_force()}))
     return 0
 
 
