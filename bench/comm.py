@@ -6,7 +6,7 @@ Every run trains the same small Llama (transformers' LlamaForCausalLM, same seed
 published data order (artifacts/blend + artifacts/tokenize of the tiny recipe): global batch N of
 every run is the published batch N, cut to the first `--seq-len` tokens, split over the workers.
 So all runs see the same tokens; only the strategy differs. Workers are real processes on a gloo
-group; all traffic goes through pipeline.comm.Comm, which counts the bytes each worker sends.
+group; all traffic goes through pipeline.core.comm.Comm, which counts the bytes each worker sends.
 
 Tuning effort is the same on both sides: ddp gets a 3-point lr sweep (its best lr is the baseline
 and the inner lr of every other run); DiLoCo gets a 3-point sweep of (outer lr, outer momentum) at
@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import DistributedCfg
-from pipeline.data import PublishedOrder
-from pipeline.io import atomic_write_text, write_json
+from pipeline.core.config import DistributedCfg
+from pipeline.core.order import PublishedOrder
+from pipeline.core.io import atomic_write_text, write_json
 from pipeline.lowcomm.diloco import _assign
 from pipeline.lowcomm.loop import make_strategy, spawn, train_steps
 

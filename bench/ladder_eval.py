@@ -36,11 +36,11 @@ def main() -> None:
 
     import torch
 
-    from pipeline import ladder
-    from pipeline.config import load_recipe
-    from pipeline.data import PublishedOrder
+    from pipeline.core import ladder
+    from pipeline.core.config import load_recipe
+    from pipeline.core.order import PublishedOrder
     from pipeline.evaluate import curves, task_manager
-    from pipeline.model import build_model, special_ids, vocab_size
+    from pipeline.core.model import build_model, special_ids, vocab_size
 
     recipe = load_recipe(a.recipe)
     if a.limit is not None:

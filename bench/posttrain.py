@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import posttrain
-from pipeline.config import load_recipe
+from pipeline.core.config import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 PPL = {"arith": ("arithmetic.jsonl", lambda r: f"Q: {r['question']}\nA: {r['answer']}\n"),

@@ -16,7 +16,7 @@ import copy
 import time
 from pathlib import Path
 
-from pipeline.config import load_recipe
+from pipeline.core.config import load_recipe
 from pipeline.quantize import (_load, apply_dequantized, heldout_windows, perplexity, quantizable,
                                quantize_model_gptq, quantize_model_rtn)
 

@@ -15,7 +15,7 @@ peak of a known GPU (H100/H200 SXM 989 TFLOP/s, A100 312).
     python bench/throughput.py --device cpu --models tiny --steps 40
     python bench/throughput.py --numerics portable,native,compatible --steps 40 --repeats 3
 
-`--numerics` runs each CPU numerics profile (pipeline/numerics.py) in a process of its own (the pins
+`--numerics` runs each CPU numerics profile (pipeline/core/numerics.py) in a process of its own (the pins
 must be in the environment before torch loads), alternating them `--repeats` times, and prints their
 tokens/s side by side: pretraining on the recipe (the trainer), an SFT-shaped training pass
 (posttrain's batch x max_len_tokens rows, same model and AdamW) and a held-out eval pass (no_grad
@@ -57,7 +57,7 @@ def bare_loop(recipe, batches: list, device, autocast: bool, compile_: bool, war
     """Steady-state tokens/s of a plain loop: forward, backward, clip, AdamW step, zero_grad."""
     import torch
 
-    from pipeline.model import build_model, special_ids, vocab_size
+    from pipeline.core.model import build_model, special_ids, vocab_size
     from pipeline.pretrain.engines import make_adamw
 
     cfg = recipe.pretrain
@@ -112,9 +112,9 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from pipeline.config import load_recipe
-    from pipeline.data import PublishedOrder
-    from pipeline.model import build_model, count_params, vocab_size
+    from pipeline.core.config import load_recipe
+    from pipeline.core.order import PublishedOrder
+    from pipeline.core.model import build_model, count_params, vocab_size
     from pipeline.pretrain.trainer import cpu_cores, set_determinism, train, warmup_steps
 
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -173,7 +173,7 @@ def compare_numerics(a, argv: list[str]) -> int:
     import json
     import subprocess
 
-    from pipeline import numerics
+    from pipeline.core import numerics
 
     profiles = a.numerics.split(",")
     bad = [p for p in profiles if p not in numerics.PROFILES]
@@ -228,8 +228,8 @@ def profile_child(a) -> int:
     """One profile in this process: pins first, then torch; prints one JSON line of tokens/s."""
     import json
 
-    from pipeline import numerics
-    from pipeline.config import load_recipe
+    from pipeline.core import numerics
+    from pipeline.core.config import load_recipe
 
     probe = load_recipe(a.recipe)
     threads = a.threads or probe.platform.threads
@@ -237,7 +237,7 @@ def profile_child(a) -> int:
     import numpy as np
     import torch
 
-    from pipeline.data import PublishedOrder
+    from pipeline.core.order import PublishedOrder
     from pipeline.pretrain.trainer import train, val_windows
 
     over = {"pretrain": {"steps": a.steps, "eval_every_steps": 10**6, "checkpoint_every_steps": 10**6,
@@ -255,7 +255,7 @@ def profile_child(a) -> int:
     sft = [torch.from_numpy(flat[i * per:(i + 1) * per].reshape(pt.batch_size, pt.max_len_tokens).astype(np.int64))
            for i in range(min(a.steps, len(flat) // per))]
     tps["sft"] = bare_loop(recipe, sft, torch.device("cpu"), False, False, 1)
-    from pipeline.model import build_model, special_ids, vocab_size
+    from pipeline.core.model import build_model, special_ids, vocab_size
 
     tok_dir = Path("artifacts/tokenizer")
     model = build_model(recipe.pretrain.model, vocab_size(tok_dir), order.seq_len, special_ids(tok_dir), seed=recipe.seed)

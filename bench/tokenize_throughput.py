@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.sources.python_stdlib import python_code, python_docs
 from pipeline.tokenizer import train_bpe, EOS
 from pipeline.tokenize import encode_to_npy
-from pipeline.io import sha256_file
+from pipeline.core.io import sha256_file
 from tokenizers import Tokenizer
 
 mode, workers, batch_docs, repeat = sys.argv[1], [int(w) for w in sys.argv[2].split(",")], int(sys.argv[3]), int(sys.argv[4])
@@ -48,7 +48,7 @@ def encode(executor):
 if mode == "local":
     print(json.dumps([encode(None)]))
 else:
-    from pipeline.executor import RayExecutor
+    from pipeline.core.executor import RayExecutor
     import ray
     t = time.perf_counter()
     start = RayExecutor(max(workers))  # starts a local Ray with max(workers) CPUs

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_manifest, load_recipe  # noqa: E402
+from pipeline.core.config import load_manifest, load_recipe  # noqa: E402
 from pipeline.sources import arithmetic, iter_documents, select_documents  # noqa: E402
 from pipeline.tokenize import is_val  # noqa: E402
 
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         for n in bad:
             print(f"{args.out / n}: differs from a fresh build (run python evals/make_data.py)")
         return 1 if bad else 0
-    from pipeline.io import atomic_write_bytes
+    from pipeline.core.io import atomic_write_bytes
 
     for name, data in built.items():
         atomic_write_bytes(args.out / name, data)

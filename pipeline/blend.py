@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import tokenize as tokstage
-from pipeline.config import Recipe, config_sha256, load_manifest, recipe_path
-from pipeline.errors import DataIntegrityError, RecipeError
-from pipeline.io import atomic_dir, read_json, sha256_file, write_json
-from pipeline.lineage import STAGE_KEYS, provenance
-from pipeline.log import status
-from pipeline.verify import seal, verify_stage
+from pipeline.core.config import Recipe, config_sha256, load_manifest, recipe_path
+from pipeline.core.errors import DataIntegrityError, RecipeError
+from pipeline.core.io import atomic_dir, read_json, sha256_file, write_json
+from pipeline.core.provenance import STAGE_KEYS, provenance
+from pipeline.core.log import status
+from pipeline.core.integrity import seal, verify_stage
 
 OUT = Path("artifacts/blend")
 LOGIC_VERSION = 1  # bump when the way indices are built changes; recorded in blend.json

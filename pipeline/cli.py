@@ -8,14 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.errors import PipelineError
-from pipeline.log import status
+from pipeline.core.errors import PipelineError
+from pipeline.core.log import status
 
 DEFAULT_RECIPE = "recipes/tiny.yaml"
 
 
 def _recipe(args):
-    from pipeline.config import load_recipe
+    from pipeline.core.config import load_recipe
 
     return load_recipe(args.recipe)
 
@@ -48,7 +48,7 @@ def cmd_blend(args):
 def cmd_pretrain(args):
     from pipeline import pretrain
 
-    from pipeline.checkpoint import ACCEPT
+    from pipeline.core.checkpoint import ACCEPT
 
     ids = None
     if args.replica_ids is not None:
@@ -90,7 +90,7 @@ def cmd_evaluate(args):
 def cmd_leaderboard(args):
     from pathlib import Path
 
-    from pipeline import leaderboard
+    from pipeline.core import leaderboard
 
     if args.experiments:
         results = leaderboard.gather_experiments(Path("."))
@@ -115,7 +115,7 @@ def cmd_blend_report(args):
     from pathlib import Path
 
     from pipeline.blend import mixture_table
-    from pipeline.io import read_json
+    from pipeline.core.io import read_json
 
     path = Path(args.blend_dir) / "blend.json"
     if not path.is_file():
@@ -124,7 +124,7 @@ def cmd_blend_report(args):
 
 
 def cmd_batch(args):
-    from pipeline.data import PublishedOrder
+    from pipeline.core.order import PublishedOrder
 
     order = PublishedOrder(args.blend_dir, args.tokenize_dir)
     try:
@@ -155,13 +155,13 @@ def cmd_release(args):
 
 
 def cmd_publish(args):
-    from pipeline import publish
+    from pipeline.commands import publish
 
     publish.run(args.release_dir, args.repo_id, private=args.private)
 
 
 def cmd_recreate(args):
-    from pipeline import recreate
+    from pipeline.commands import recreate
 
     code = recreate.run(args.target, until=args.until, workdir=args.workdir, tolerance=args.tolerance,
                         allow_outside=args.allow_outside, step=args.step)
@@ -170,7 +170,7 @@ def cmd_recreate(args):
 
 
 def cmd_verify(args):
-    from pipeline import ladder
+    from pipeline.core import ladder
 
     code = ladder.verify(args.target, check_init=not args.no_init)
     if code:
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     def stage(name, fn, help_):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe YAML (default {DEFAULT_RECIPE})")
-        # one writer per stage output: a second run refuses, naming the holder's pid (pipeline.lock)
+        # one writer per stage output: a second run refuses, naming the holder's pid (pipeline.core.lock)
         sp.set_defaults(fn=fn, lock=f"artifacts/{name}")
         return sp
 
@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 def describe(exc: BaseException) -> str:
     """One line for any error: the pipeline's own name the file and key; others get the file they
     carry (OSError) or the place in the code they came from (run with --debug for the traceback)."""
-    from pipeline.errors import one_line
+    from pipeline.core.errors import one_line
 
     if isinstance(exc, PipelineError):
         return " ".join(str(exc).split())
@@ -311,11 +311,11 @@ TORCH_STAGES = ("pretrain", "posttrain", "quantize", "evaluate")
 
 
 def enter_numerics(args) -> None:
-    """Pin the recipe's CPU numerics (pipeline/numerics.py) before anything imports torch; every
+    """Pin the recipe's CPU numerics (pipeline/core/numerics.py) before anything imports torch; every
     process the stage starts inherits them. Stages that never compute with torch (the data stages,
     the release) pin nothing; `omp verify` (it rebuilds the seed's initialization) pins the default
     profile where the environment is silent; `omp recreate` enters the profile the lineage records."""
-    from pipeline import numerics
+    from pipeline.core import numerics
 
     if getattr(args, "recipe", None) is not None and args.command in TORCH_STAGES:
         numerics.enter_recipe(_recipe(args), args.command, where=f"{args.recipe}: platform.numerics")
@@ -327,8 +327,8 @@ def enter_numerics(args) -> None:
 def write_machine(stage: str) -> None:
     """The CPU and the numerics this stage ran with, for information, apart from every hashed output
     (as the timings: artifacts/timings/machine-<stage>.json), so equal runs still write equal files."""
-    from pipeline import numerics
-    from pipeline.io import write_json
+    from pipeline.core import numerics
+    from pipeline.core.io import write_json
 
     rec = {"stage": stage, **numerics.machine()}
     if "torch" in sys.modules:
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         enter_numerics(args)
         if getattr(args, "lock", None):
-            from pipeline.lock import output_lock
+            from pipeline.core.lock import output_lock
 
             with output_lock(args.lock, command=f"omp {args.command}"):
                 args.fn(args)

@@ -9,7 +9,7 @@ never changes silently). `omp ingest --update-lock` writes that lock file.
 
 Each source is cut into units (`data.unit_docs` raw documents, or one shard of a hub dataset),
 and the per-document filters run per unit on the recipe's executor (`data.executor: local | ray`,
-pipeline/executor.py). Each finished unit is committed to `artifacts/.ingest.work/` at once, so a
+pipeline/core/executor.py). Each finished unit is committed to `artifacts/.ingest.work/` at once, so a
 run that is killed resumes where it stopped: units already there (same source config, same input)
 are not read again, and none is counted twice. Dedup, order and limits then run per source in
 the driver (pipeline/sources/filters.py), so the output does not depend on the executor.
@@ -28,14 +28,14 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import HFSource, Recipe, load_manifest
-from pipeline.errors import DataIntegrityError, PipelineError
-from pipeline.executor import make_executor
-from pipeline.io import (atomic_dir, atomic_write_bytes, atomic_write_text, canonical_json, read_json,
+from pipeline.core.config import HFSource, Recipe, load_manifest
+from pipeline.core.errors import DataIntegrityError, PipelineError
+from pipeline.core.executor import make_executor
+from pipeline.core.io import (atomic_dir, atomic_write_bytes, atomic_write_text, canonical_json, read_json,
                          sha256_bytes, sha256_file, write_json)
-from pipeline.lineage import provenance
-from pipeline.log import status
-from pipeline.verify import seal
+from pipeline.core.provenance import provenance
+from pipeline.core.log import status
+from pipeline.core.integrity import seal
 from pipeline.sources import iter_documents
 from pipeline.sources.filters import filter_unit, finish
 from pipeline.sources.hf import hf_shards, shard_documents
@@ -238,7 +238,7 @@ def run(recipe: Recipe, update_lock: bool = False, out_dir: Path = OUT,
 
 def read_documents(name: str, ingest_dir: Path = OUT) -> list[str]:
     """The documents of one ingested source, its shards checked against the ingest record first."""
-    from pipeline.verify import check_name, verify_stage
+    from pipeline.core.integrity import check_name, verify_stage
 
     verify_stage(ingest_dir, under=check_name(name, "source name"))
     docs = []

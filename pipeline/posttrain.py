@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import numerics
-from pipeline.config import Recipe, SFTSourceCfg, load_manifest
-from pipeline.device import autocast as device_autocast
-from pipeline.device import resolve as resolve_device
-from pipeline.errors import CheckpointError, PipelineError, RecipeError, reading
-from pipeline.io import atomic_dir, read_json, sha256_file, write_json
-from pipeline.lineage import provenance
-from pipeline.verify import seal, verify_model_dir
+from pipeline.core import numerics
+from pipeline.core.config import Recipe, SFTSourceCfg, load_manifest
+from pipeline.core.device import autocast as device_autocast
+from pipeline.core.device import resolve as resolve_device
+from pipeline.core.errors import CheckpointError, PipelineError, RecipeError, reading
+from pipeline.core.io import atomic_dir, read_json, sha256_file, write_json
+from pipeline.core.provenance import provenance
+from pipeline.core.integrity import seal, verify_model_dir
 from pipeline.sources import arithmetic
 
 PRETRAIN_DIR = Path("artifacts/pretrain/final")
@@ -133,7 +133,7 @@ def _load_messages(src: SFTSourceCfg, allow_paths=(), rfile: str = "<recipe>") -
     import datasets
 
     from pipeline.sources import decode_text, hub_or_local
-    from pipeline.verify import confine
+    from pipeline.core.integrity import confine
 
     if src.kind == "local":
         files = []
@@ -168,7 +168,7 @@ def sft_conversations(recipe: Recipe, ingest_dir: Path = INGEST_DIR) -> list[lis
             items = [chat(q, a) for q, a in docs_pairs(_training_docs(recipe, "python-docs", ingest_dir),
                                                       cfg.answer_max_chars)]
         else:
-            from pipeline.config import recipe_path
+            from pipeline.core.config import recipe_path
 
             items = _load_messages(src, recipe.allow_paths, recipe_path(recipe))
         random.Random(f"{posttrain_seed(recipe)}-sft-source-{i}").shuffle(items)
@@ -184,7 +184,7 @@ def replay_examples(n: int, max_len: int, seed: int, blend_dir: Path = BLEND_DIR
     the sha256 of the blend.json they came from."""
     if n == 0:
         return [], None
-    from pipeline.data import PublishedOrder
+    from pipeline.core.order import PublishedOrder
 
     order = PublishedOrder(blend_dir, tokenize_dir)
     rows = random.Random(f"{seed}-replay").sample(range(len(order.indices)), min(n, len(order.indices)))
@@ -510,10 +510,10 @@ def run(recipe: Recipe, pretrain_dir: Path = PRETRAIN_DIR, ingest_dir: Path = IN
 
 
 def write_rungs(model, tok, first: dict, root: Path, pretrain_dir: Path, parent: str, total: int) -> list[dict]:
-    """Post-training's first and last step as ladder rungs (pipeline/ladder.py), numbered on from the
+    """Post-training's first and last step as ladder rungs (pipeline/core/ladder.py), numbered on from the
     last pretraining step, so the chain of rungs runs on from the pretrained weights (`parent`) to the
     released model; rows_consumed / tokens_seen stay those of pretraining (the published order)."""
-    from pipeline import ladder
+    from pipeline.core import ladder
 
     pre = _maybe_json(pretrain_dir / "lineage.json") or {}
     if "step" not in pre:   # a pretrain output without its step: no ladder to continue

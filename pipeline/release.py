@@ -4,11 +4,11 @@
     base/                      the pretrained model (when the top is the post-trained one)
     quantized/<variant>/       transformers-loadable quantized variants
     gguf/*.gguf                llama.cpp / ollama files
-    checkpoints/step-NNNNNNN/  the checkpoint ladder (pipeline/ladder.py): HF folders of the published steps
+    checkpoints/step-NNNNNNN/  the checkpoint ladder (pipeline/core/ladder.py): HF folders of the published steps
     learning_curves.png        every rung's scores against tokens seen (the evaluate stage's ladder.png)
     data/indices.npy, data/blend.json    the published data order
     recipe.yaml                the resolved recipe (every parameter of the chain)
-    lineage.json               the whole experiment chain (pipeline.lineage.chain_lineage)
+    lineage.json               the whole experiment chain (pipeline.core.provenance.chain_lineage)
     README.md                  the model card (YAML front matter with model-index)
 
 The tokenizer and config files are written so that transformers 4.x reads them too
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import Recipe, recipe_dict, recipe_path
-from pipeline.errors import PipelineError
-from pipeline.io import atomic_dir, read_json, sha256_file, write_json
-from pipeline.lineage import chain_lineage, provenance
-from pipeline.log import status
-from pipeline.verify import check_name, check_relpath, seal, tree_files, verify_file, verify_stage
+from pipeline.core.config import Recipe, recipe_dict, recipe_path
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_dir, read_json, sha256_file, write_json
+from pipeline.core.provenance import chain_lineage, provenance
+from pipeline.core.log import status
+from pipeline.core.integrity import check_name, check_relpath, seal, tree_files, verify_file, verify_stage
 
 OUT = Path("artifacts/release")
 ART = Path("artifacts")
@@ -96,7 +96,7 @@ def _eval_rows(variant: str) -> tuple[list[dict], str | None]:
 def versus_base(variant: str, base: str = "pretrain") -> list[dict]:
     """Per task both were scored on: the released variant against its base, with stderr and n, and
     whether it is better / worse beyond noise (the leaderboard's rule) or within it."""
-    from pipeline import leaderboard as lb
+    from pipeline.core import leaderboard as lb
 
     res_dir = ART / "evaluate" / "results"
     files = {v: res_dir / f"{v}.json" for v in (base, variant)}
@@ -259,7 +259,7 @@ def model_card(recipe: Recipe, lineage: dict, name: str, curves: bool = False) -
 def ladder_rungs(variant: str) -> list[tuple[dict, Path]]:
     """(rung record, folder) of every rung behind the released variant: pretraining's, then
     post-training's when the post-trained model is released."""
-    from pipeline import ladder
+    from pipeline.core import ladder
 
     out = []
     for stage in ("pretrain", "posttrain") if variant == "posttrain" else ("pretrain",):
@@ -271,7 +271,7 @@ def ladder_rungs(variant: str) -> list[tuple[dict, Path]]:
 def ladder_lineage(recipe: Recipe, rel: Path, rungs: list[tuple[dict, Path]]) -> dict:
     """lineage.json `ladder`: per rung its step, tokens seen, rows of the published order consumed,
     parent sha256 and the sha256 of each of its files as published (checkpoints/step-NNNNNNN/)."""
-    from pipeline import ladder
+    from pipeline.core import ladder
 
     summary = ART / "pretrain" / "ladder" / ladder.SUMMARY
     init = read_json(summary) if summary.is_file() else {}

@@ -9,14 +9,14 @@ not by order. `tokenize.json` records dtype, counts and the sha256 of every file
 Decontamination: held-out documents still share boilerplate with training ones (a module's
 docstrings are in python-docs, its code in python-code; `def __exit__(self, *args)` is in every
 other file), so an eval item drawn from them would overlap training. Every training window of
-`decontaminate_ngram` tokens that equals an n-gram of a local eval item (pipeline.ngrams, the
+`decontaminate_ngram` tokens that equals an n-gram of a local eval item (pipeline.core.ngrams, the
 contamination report's own definition, with this run's tokenizer) is cut out, and the document
 is split there into pieces that each end with <|endoftext|>. No window of the remaining stream
 equals an eval n-gram (a window across a cut holds the EOS, which no item contains), whatever
 part of it training later sees. The val split is left whole.
 
 Encoding runs in units of `UNIT_BATCHES * batch_docs` documents on the recipe's executor
-(`data.executor: local | ray`, pipeline/executor.py); the units are written in order, so the
+(`data.executor: local | ray`, pipeline/core/executor.py); the units are written in order, so the
 files are byte-identical whatever the executor or the number of workers.
 """
 
@@ -29,14 +29,14 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import tokenizer as tokmod
-from pipeline.config import Recipe, load_manifest
-from pipeline.errors import RecipeError
-from pipeline.executor import make_executor
+from pipeline.core.config import Recipe, load_manifest
+from pipeline.core.errors import RecipeError
+from pipeline.core.executor import make_executor
 from pipeline.ingest import OUT as INGEST_DIR, read_documents
-from pipeline.io import atomic_dir, sha256_file, write_json
-from pipeline.lineage import provenance
-from pipeline.verify import seal
-from pipeline.ngrams import covered_by, eval_texts, item_ngrams
+from pipeline.core.io import atomic_dir, sha256_file, write_json
+from pipeline.core.provenance import provenance
+from pipeline.core.integrity import seal
+from pipeline.core.ngrams import covered_by, eval_texts, item_ngrams
 
 OUT = Path("artifacts/tokenize")
 
@@ -136,7 +136,7 @@ def encode_to_npy(tok, docs: list[str], eos: int, dtype: np.dtype, path: Path, d
 
     With `banned` (sorted n-gram hashes), windows equal to one are cut out (see the module
     docstring); each piece counts as a document, and `cuts` receives what was removed."""
-    from pipeline.executor import LocalExecutor
+    from pipeline.core.executor import LocalExecutor
 
     executor = executor or LocalExecutor()
     unit = batch_docs * UNIT_BATCHES
@@ -169,8 +169,8 @@ def encode_to_npy(tok, docs: list[str], eos: int, dtype: np.dtype, path: Path, d
 
 def decontamination_set(recipe: Recipe, tok) -> tuple[np.ndarray | None, dict]:
     """The banned n-gram hashes (None when off) and what they were built from, for tokenize.json."""
-    from pipeline.config import recipe_path
-    from pipeline.ngrams import task_files
+    from pipeline.core.config import recipe_path
+    from pipeline.core.ngrams import task_files
 
     cfg = recipe.tokenize
     if cfg.decontaminate_tasks is None:
@@ -193,7 +193,7 @@ def run(recipe: Recipe, ingest_dir: Path = INGEST_DIR, tokenizer_dir: Path = tok
         out_dir: Path = OUT) -> dict:
     from tokenizers import Tokenizer
 
-    from pipeline.verify import verify_stage
+    from pipeline.core.integrity import verify_stage
 
     verify_stage(ingest_dir)
     verify_stage(tokenizer_dir)

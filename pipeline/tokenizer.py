@@ -11,11 +11,11 @@ import random
 import shutil
 from pathlib import Path
 
-from pipeline.config import Recipe, load_manifest
+from pipeline.core.config import Recipe, load_manifest
 from pipeline.ingest import OUT as INGEST_DIR, read_documents
-from pipeline.io import atomic_dir, read_json, sha256_file, write_json
-from pipeline.lineage import provenance
-from pipeline.verify import seal, verified, verify_stage
+from pipeline.core.io import atomic_dir, read_json, sha256_file, write_json
+from pipeline.core.provenance import provenance
+from pipeline.core.integrity import seal, verified, verify_stage
 
 OUT = Path("artifacts/tokenizer")
 EOS = "<|endoftext|>"
@@ -69,8 +69,8 @@ def save_hf_tokenizer(tok, out: Path) -> None:
 
 
 def run(recipe: Recipe, ingest_dir: Path = INGEST_DIR, out_dir: Path = OUT) -> dict:
-    from pipeline.config import recipe_path
-    from pipeline.verify import confine
+    from pipeline.core.config import recipe_path
+    from pipeline.core.integrity import confine
 
     cfg = recipe.tokenizer
     if not cfg.pretrained_dir:
@@ -96,7 +96,7 @@ def run(recipe: Recipe, ingest_dir: Path = INGEST_DIR, out_dir: Path = OUT) -> d
 def _vocab_size(d: Path) -> int:
     from tokenizers import Tokenizer
 
-    from pipeline.errors import reading
+    from pipeline.core.errors import reading
 
     with reading(d / "tokenizer.json", "not a tokenizers file"):
         return Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size(with_added_tokens=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import numerics
+from pipeline.core import numerics
 
 # the test process runs stages in-process too: pin the default profile's numerics before any test
 # module imports torch (the `omp` processes the tests start pin their own, and inherit these)

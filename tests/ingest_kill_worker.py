@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from pipeline import ingest
-from pipeline.config import load_recipe
+from pipeline.core.config import load_recipe
 
 recipe, k, reached = load_recipe(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 done = []

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.comm import Comm, init_process_group  # noqa: E402
+from pipeline.core.comm import Comm, init_process_group  # noqa: E402
 from pipeline.lowcomm.elastic import SyncCheckpointer  # noqa: E402
 from pipeline.lowcomm.loop import make_strategy, train_steps  # noqa: E402
 from tests.test_lowcomm import batch_of, dist_cfg, mse, tiny_model  # noqa: E402

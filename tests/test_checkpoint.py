@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import checkpoint as ckpt
-from pipeline.errors import CheckpointError
+from pipeline.core import checkpoint as ckpt
+from pipeline.core.errors import CheckpointError
 
 
 def write(root, step, payload=b"weights"):

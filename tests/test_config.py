@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_recipe, recipe_sha256
-from pipeline.errors import RecipeError
-from pipeline.io import sha256_tree
+from pipeline.core.config import load_recipe, recipe_sha256
+from pipeline.core.errors import RecipeError
+from pipeline.core.io import sha256_tree
 from tests.conftest import MICRO, REPO, make_workdir, omp
 
 GOOD_MANIFEST = (REPO / "tests/recipes/micro_manifest.yaml").read_text()

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import blend, ingest, tokenize
-from pipeline.config import load_recipe
-from pipeline.io import read_json, sha256_tree
+from pipeline.core.config import load_recipe
+from pipeline.core.io import read_json, sha256_tree
 from tests.conftest import REPO
 from tests.test_data_filters import near_copy, prose
 
@@ -124,7 +124,7 @@ def test_ray_with_1_and_4_workers_is_byte_identical_to_local(workdir, ray_cluste
 
 
 def test_execution_keys_leave_the_recipe_hash_alone():
-    from pipeline.config import recipe_sha256
+    from pipeline.core.config import recipe_sha256
 
     micro = REPO / "tests/recipes/micro.yaml"
     base = recipe_sha256(load_recipe(micro, check_files=False))

@@ -9,8 +9,8 @@ import random
 import numpy as np
 import pytest
 
-from pipeline.config import Filters, LanguageStep, LocalSource, NearDedup, QualityStep
-from pipeline.io import read_json
+from pipeline.core.config import Filters, LanguageStep, LocalSource, NearDedup, QualityStep
+from pipeline.core.io import read_json
 from pipeline.sources.filters import (filter_unit, finish, language_step, near_duplicate_clusters,
                                       quality_failures, step_names)
 from tests.conftest import omp
@@ -127,8 +127,8 @@ def test_bad_filter_steps_name_the_key(tmp_path, monkeypatch, filters, key):
         "name: m\nsources:\n  - {name: a, kind: builtin, builtin: synthetic-arithmetic, license: CC0-1.0, "
         f"weight: 1, filters: {filters}}}\n")
     (tmp_path / "r.yaml").write_text("name: r\ndata: {manifest: m.yaml}\n")
-    from pipeline.config import load_recipe
-    from pipeline.errors import RecipeError
+    from pipeline.core.config import load_recipe
+    from pipeline.core.errors import RecipeError
 
     with pytest.raises(RecipeError) as err:
         load_recipe("r.yaml")

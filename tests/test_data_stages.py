@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from pipeline.blend import allocate, build_indices
-from pipeline.io import read_json, sha256_file, sha256_tree
+from pipeline.core.io import read_json, sha256_file, sha256_tree
 from pipeline.sources.arithmetic import heldout_problems, is_heldout, training_documents
-from pipeline.config import ArithmeticOptions
+from pipeline.core.config import ArithmeticOptions
 from tests.conftest import MICRO, make_workdir, omp, run_data_stages
 
 

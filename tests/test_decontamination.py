@@ -51,7 +51,7 @@ def test_without_decontamination_the_python_tasks_overlap(micro_data, tmp_path, 
 
 
 def test_cut_removes_every_banned_window_and_splits_the_document():
-    from pipeline.ngrams import ngram_hashes
+    from pipeline.core.ngrams import ngram_hashes
     from pipeline.tokenize import cut_pieces, keep_masks
 
     n, eos = 4, 0

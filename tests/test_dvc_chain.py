@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.io import read_json, sha256_file
+from pipeline.core.io import read_json, sha256_file
 from tests.conftest import REPO
 
 
@@ -44,7 +44,7 @@ def test_dvc_repro_blend_on_a_fresh_clone_leaves_git_clean(tmp_path):
     data stages and then left stale as the code moved. The committed lock is the record of the
     whole chain; a change to a stage's code or parameters must come with the refreshed lock, and this
     test holds that for the data stages, which are cheap to run here.)"""
-    from pipeline.lineage import git_commit
+    from pipeline.core.provenance import git_commit
 
     repo = copy_repo(tmp_path / "repo")
     git(repo, "add", "-A")
@@ -144,7 +144,7 @@ def test_dvc_params_are_the_recipe_keys_each_stage_hashes_into_its_provenance():
     """DVC reruns a stage when one of its params changes; provenance.json hashes the keys the stage
     reads (STAGE_KEYS). They must be the same list, or an edit either reruns nothing that reads it or
     changes an output DVC did not rerun."""
-    from pipeline.lineage import STAGE_KEYS
+    from pipeline.core.provenance import STAGE_KEYS
 
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     listed = {name: [k for e in stage.get("params", []) for k in e["${recipe}"]]
@@ -156,9 +156,9 @@ def test_dvc_params_are_the_recipe_keys_each_stage_hashes_into_its_provenance():
 def test_an_edit_of_one_section_changes_only_the_provenance_of_stages_that_read_it():
     """The committed dvc.lock holds the data stages: an edit of posttrain's section (or evaluate's)
     must leave their provenance.json, hence their output hash, byte-identical."""
-    from pipeline.config import load_recipe
-    from pipeline.io import canonical_json
-    from pipeline.lineage import STAGE_KEYS, provenance
+    from pipeline.core.config import load_recipe
+    from pipeline.core.io import canonical_json
+    from pipeline.core.provenance import STAGE_KEYS, provenance
 
     tiny = REPO / "recipes/tiny.yaml"
     base = load_recipe(tiny, check_files=False)
@@ -189,7 +189,7 @@ def test_an_edit_of_one_section_changes_only_the_provenance_of_stages_that_read_
 def test_lineage_commit_is_the_code_commit_and_dvc_lock_is_not_dirt(tmp_path):
     """dvc.lock is what `dvc repro` writes; refreshing it (in the work tree or in a commit of its own)
     changes no code, so the lineage's commit and dirty flag do not move with it."""
-    from pipeline.lineage import git_commit
+    from pipeline.core.provenance import git_commit
 
     repo = tmp_path / "r"
     repo.mkdir()

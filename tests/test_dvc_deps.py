@@ -66,7 +66,7 @@ STAGE_MODULES = {"ingest": "pipeline.ingest", "tokenizer": "pipeline.tokenizer",
                  "quantize": "pipeline.quantize", "evaluate": "pipeline.evaluate", "release": "pipeline.release"}
 # what every `omp <stage>` process runs besides the stage's own module: the command line (its own
 # imports, not the other stages it imports lazily) and, for pretrain, the workers' entry point
-CLI_OWN = ("pipeline.errors", "pipeline.log", "pipeline.lock", "pipeline.config", "pipeline.numerics")
+CLI_OWN = ("pipeline.core.errors", "pipeline.core.log", "pipeline.core.lock", "pipeline.core.config", "pipeline.core.numerics")
 
 
 def stage_code(stage: str) -> set[Path]:
@@ -106,7 +106,7 @@ def test_the_closure_sees_lazy_imports(tmp_path):
     import subprocess
 
     found = closure("pipeline.pretrain")
-    assert Path("pipeline/numerics.py") in found and Path("pipeline/ladder.py") in found
+    assert Path("pipeline/core/numerics.py") in found and Path("pipeline/core/ladder.py") in found
     code = ("import sys, pipeline.posttrain as m; print('\\n'.join(sorted(k for k in sys.modules "
             "if k.startswith('pipeline'))))")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

@@ -24,8 +24,8 @@ def test_strategy_package_does_not_import_the_trainer():
 
 
 def test_registry_and_per_rank_weights():
-    from pipeline.comm import Comm
-    from pipeline.config import DistributedCfg
+    from pipeline.core.comm import Comm
+    from pipeline.core.config import DistributedCfg
     from pipeline.lowcomm.strategy import STRATEGIES, make_strategy
 
     assert set(STRATEGIES) == {"single", "ddp", "diloco", "demo"}
@@ -38,7 +38,7 @@ def test_registry_and_per_rank_weights():
 
 
 def test_ddp_at_world_size_one_counts_bytes_and_leaves_gradients_alone():
-    from pipeline.comm import Comm
+    from pipeline.core.comm import Comm
     from pipeline.lowcomm.strategy import DDPStrategy
 
     model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 2))
@@ -52,7 +52,7 @@ def test_ddp_at_world_size_one_counts_bytes_and_leaves_gradients_alone():
 
 
 def test_adamw_is_fused_on_cuda_and_foreach_on_cpu():
-    from pipeline.config import PretrainCfg
+    from pipeline.core.config import PretrainCfg
     from pipeline.pretrain.engines import make_adamw
 
     p = [torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))]
@@ -82,8 +82,8 @@ def test_set_determinism_settings():
 
 @pytest.mark.parametrize("name, low, high", [("gpu-125m", 110e6, 140e6), ("gpu-1b", 1.0e9, 1.2e9)])
 def test_gpu_recipes_load_and_have_their_size(name, low, high, monkeypatch):
-    from pipeline.config import load_recipe
-    from pipeline.model import build_model, count_params
+    from pipeline.core.config import load_recipe
+    from pipeline.core.model import build_model, count_params
 
     monkeypatch.chdir(REPO)
     r = load_recipe(f"recipes/{name}.yaml")
@@ -96,9 +96,9 @@ def test_gpu_recipes_load_and_have_their_size(name, low, high, monkeypatch):
 
 
 def test_stage_device_and_precision_settings():
-    from pipeline.config import Recipe
-    from pipeline.device import autocast, resolve, use_bf16
-    from pipeline.errors import RecipeError
+    from pipeline.core.config import Recipe
+    from pipeline.core.device import autocast, resolve, use_bf16
+    from pipeline.core.errors import RecipeError
 
     r = Recipe.model_validate({"name": "x", "posttrain": {"device": "cpu", "precision": "fp32"},
                                "quantize": {"device": "auto"}, "evaluate": {"precision": "bf16"}})

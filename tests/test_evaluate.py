@@ -33,7 +33,7 @@ def add_random_variant(work: Path) -> Path:
     (work / "artifacts/quantize/report.json").write_text(json.dumps(
         {"baseline_ppl": None, "variants": [{"name": "random-init", "format": "hf", "bytes": 0, "ppl": None,
                                              "ppl_delta_pct": None, "path": "random-init"}]}))
-    from pipeline.verify import seal
+    from pipeline.core.integrity import seal
 
     seal(work / "artifacts/quantize", {"stage": "quantize", "stand_in": "tests/test_evaluate.py"})
     return out
@@ -44,8 +44,8 @@ def add_ladder(work: Path) -> None:
     stand-in's trained weights), sealed with the stage's other outputs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline import ladder
-    from pipeline.verify import seal
+    from pipeline.core import ladder
+    from pipeline.core.integrity import seal
 
     final = work / "artifacts/pretrain/final"
     tok = AutoTokenizer.from_pretrained(str(final))
@@ -145,7 +145,7 @@ def test_contamination_every_heldout_task_is_clean(evaluated):
 
 def test_contamination_flags_an_item_copied_from_training(micro_data, tmp_path):
     """Positive control: text taken from global batch 3 must be reported as overlapping."""
-    from pipeline.data import PublishedOrder
+    from pipeline.core.order import PublishedOrder
     from pipeline.evaluate import contamination
     from pipeline.tokenizer import load
 
@@ -188,8 +188,8 @@ def test_no_model_is_a_clear_error(micro_data, tmp_path):
 
 
 def test_unknown_recipe_key_names_it(tmp_path):
-    from pipeline.config import load_recipe
-    from pipeline.errors import RecipeError
+    from pipeline.core.config import load_recipe
+    from pipeline.core.errors import RecipeError
 
     p = tmp_path / "r.yaml"
     p.write_text("name: x\nevaluate:\n  limt: 3\n")
@@ -209,7 +209,7 @@ def test_discover_variants_reads_quantize_report(tmp_path):
         {"name": "int8-rtn", "format": "int8", "bytes": 1, "ppl": 1.0, "ppl_delta_pct": 0.0, "path": "int8-rtn"},
         {"name": "Q8_0", "format": "gguf", "bytes": 1, "ppl": 1.0, "ppl_delta_pct": 0.0,
          "path": "gguf/m-Q8_0.gguf"}]}))
-    from pipeline.verify import seal
+    from pipeline.core.integrity import seal
 
     for stage in ("pretrain", "posttrain", "quantize"):  # recorded as the stages record their outputs
         seal(tmp_path / stage, {"stage": stage})

@@ -56,7 +56,7 @@ def add_gguf_variant(work: Path, file_type: str = "F16") -> Path:
     (work / "artifacts/quantize/report.json").write_text(json.dumps({"baseline_ppl": None, "variants": [
         {"name": file_type, "format": "gguf", "bytes": out.stat().st_size, "ppl": None, "ppl_delta_pct": None,
          "path": f"gguf/{out.name}"}]}))
-    from pipeline.verify import seal
+    from pipeline.core.integrity import seal
 
     seal(work / "artifacts/quantize", {"stage": "quantize", "stand_in": "tests/test_evaluate_gguf.py"})
     return out

@@ -1,11 +1,11 @@
-"""The checkpoint ladder: which steps are rungs (pipeline/ladder.py)."""
+"""The checkpoint ladder: which steps are rungs (pipeline/core/ladder.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline import ladder
-from pipeline.config import LadderCfg
+from pipeline.core import ladder
+from pipeline.core.config import LadderCfg
 
 
 def test_default_ladder_is_the_open_suites_style():

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import leaderboard
+from pipeline.core import leaderboard
 from pipeline.evaluate import arena
 from tests.conftest import REPO, omp
 

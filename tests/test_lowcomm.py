@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.comm import Comm
-from pipeline.config import DistributedCfg
+from pipeline.core.comm import Comm
+from pipeline.core.config import DistributedCfg
 from pipeline.lowcomm.compress import (ErrorFeedback, compress, decompress, dequantize_blockwise,
                                        message_nbytes, quantize_blockwise)
 from pipeline.lowcomm.demo import DeMoOptimizer, dct_matrix, from_chunks, to_chunks, topk_per_chunk

@@ -83,7 +83,7 @@ def replay_without_torchft(compression: str, schedule: list[tuple[int, int]]) ->
     one worker runs in process, two on plain gloo (torch.multiprocessing); each phase starts from
     worker 0's state at the end of the last one, on every worker (as a healed joiner does).
     Returns worker 0's final weights."""
-    from pipeline.comm import Comm
+    from pipeline.core.comm import Comm
     from pipeline.lowcomm.loop import spawn
     from tests.test_lowcomm import dist_cfg
 
@@ -192,7 +192,7 @@ def test_one_replica_on_torchft_equals_plain_diloco(tmp_path, lighthouse, extra)
     """Driving the outer step through torchft changes nothing in the math: one replica, in process,
     gives bitwise the weights of DiLoCoStrategy on a plain Comm, and counts the same bytes; also
     with synchronous warm-up steps (one round each) and streaming fragments (F syncs per round)."""
-    from pipeline.comm import Comm
+    from pipeline.core.comm import Comm
     from pipeline.lowcomm.ft import ManagerComm, ReplicaState, make_manager, round_range, rounds_in, run_rounds
     from pipeline.lowcomm.loop import make_strategy, train_steps
     from tests.test_lowcomm import batch_of, dist_cfg, mse, tiny_model

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.io import read_json, sha256_file
+from pipeline.core.io import read_json, sha256_file
 from pipeline.lowcomm.compress import message_nbytes
 from tests.conftest import omp
 
@@ -136,8 +136,8 @@ def test_islands_ddp_inside_diloco_across_equals_diloco_with_accumulation(micro_
 
 
 def test_islands_need_diloco_on_torchrun_and_an_even_split():
-    from pipeline.config import load_recipe, recipe_sha256
-    from pipeline.errors import RecipeError
+    from pipeline.core.config import load_recipe, recipe_sha256
+    from pipeline.core.errors import RecipeError
     from tests.conftest import MICRO
 
     def r(**d):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import ModelCfg, load_recipe
-from pipeline.errors import RecipeError
-from pipeline.model import build_model, count_params
+from pipeline.core.config import ModelCfg, load_recipe
+from pipeline.core.errors import RecipeError
+from pipeline.core.model import build_model, count_params
 
 
 def test_build_matches_recipe_and_is_seeded():

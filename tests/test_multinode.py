@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_recipe, recipe_sha256
-from pipeline.errors import RecipeError
-from pipeline.io import read_json, sha256_file
+from pipeline.core.config import load_recipe, recipe_sha256
+from pipeline.core.errors import RecipeError
+from pipeline.core.io import read_json, sha256_file
 from pipeline.pretrain.launch import launch_command
 from pipeline.pretrain.trainer import DataDirs
 from tests.conftest import MICRO, omp
@@ -95,7 +95,7 @@ def test_two_nodes_on_one_host_equal_one_node(micro_data, copy_workdir):
 
 
 def test_torchft_layout_errors(tmp_path, monkeypatch):
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
     from pipeline.pretrain import ft
 
     monkeypatch.delenv("TORCHFT_LIGHTHOUSE", raising=False)

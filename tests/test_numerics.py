@@ -1,4 +1,4 @@
-"""CPU numerics profiles (pipeline/numerics.py): pinned before torch loads, recorded, checked, and
+"""CPU numerics profiles (pipeline/core/numerics.py): pinned before torch loads, recorded, checked, and
 the same bits whatever the CPU lets MKL use."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from pipeline import numerics
-from pipeline.io import read_json, sha256_file
+from pipeline.core import numerics
+from pipeline.core.io import read_json, sha256_file
 from tests.conftest import MICRO, REPO
 
 PIN_VARS = (*numerics.ISA_VARS, *numerics.THREAD_VARS, numerics.PROFILE_VAR, "MKL_ENABLE_INSTRUCTIONS")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import DPOCfg, load_recipe
-from pipeline.errors import PipelineError, RecipeError
-from pipeline.io import read_json, sha256_file
+from pipeline.core.config import DPOCfg, load_recipe
+from pipeline.core.errors import PipelineError, RecipeError
+from pipeline.core.io import read_json, sha256_file
 from pipeline.sources import arithmetic
 from tests.conftest import MICRO, omp
 from tests.tiny_model import micro_pretrained  # noqa: F401  (fixture)
@@ -81,7 +81,7 @@ def test_sft_pairs_never_contain_heldout_problems(micro_data):
 
 
 def _manifest(workdir):
-    from pipeline.config import load_manifest
+    from pipeline.core.config import load_manifest
 
     return load_manifest(workdir / "tests/recipes/micro_manifest.yaml")
 
@@ -142,7 +142,7 @@ def test_replay_examples_are_seeded_rows_of_the_published_order(micro_data):
     checked) into SFT, labelled on every token; the same seed gives the same rows."""
     import random
 
-    from pipeline.data import PublishedOrder
+    from pipeline.core.order import PublishedOrder
     from pipeline.posttrain import replay_examples
 
     dirs = dict(blend_dir=micro_data / "artifacts/blend", tokenize_dir=micro_data / "artifacts/tokenize")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.io import read_json, sha256_file
+from pipeline.core.io import read_json, sha256_file
 from tests.conftest import MICRO, omp
 
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -118,7 +118,7 @@ def test_outputs_metrics_and_loss_falls(reference):
 def test_trainer_batches_are_the_published_batches(micro_data, tmp_path, monkeypatch):
     """Global batch N that the trainer feeds the model == `omp batch --step N`."""
     from pipeline import pretrain
-    from pipeline.config import load_recipe
+    from pipeline.core.config import load_recipe
     from pipeline.lowcomm import strategy
 
     work = fresh_copy(micro_data, tmp_path / "work")
@@ -142,7 +142,7 @@ def test_rerun_is_bitwise_identical(reference, tmp_path):
     assert a == b  # weights, optimizer, RNG and cursor of an intermediate checkpoint too
     # every output file of the stage (metrics, dvclive, ladder rungs, plot, final), the whole folder
     # DVC hashes: timings live apart (artifacts/timings/), so a rerun is byte-identical
-    from pipeline.verify import tree_files
+    from pipeline.core.integrity import tree_files
 
     files = tree_files(reference / "artifacts/pretrain")
     assert [f for f in files if f.startswith("ladder/step-")] and files == tree_files(work / "artifacts/pretrain")
@@ -152,7 +152,7 @@ def test_rerun_is_bitwise_identical(reference, tmp_path):
 
 def test_sigterm_then_resume_is_bitwise_identical(reference, tmp_path, monkeypatch):
     from pipeline import pretrain
-    from pipeline.config import load_recipe
+    from pipeline.core.config import load_recipe
     from pipeline.pretrain import engines, trainer
 
     work = fresh_copy(reference, tmp_path / "work")
@@ -214,7 +214,7 @@ def test_non_finite_loss_is_caught_at_the_next_sync_point_and_names_its_step(mic
     """Losses stay on the device between sync points (log every 5, checkpoint every 10): step 13's
     NaN is read at step 15, named, and nothing after it (no checkpoint 20, no final/) is written."""
     from pipeline import pretrain
-    from pipeline.config import load_recipe
+    from pipeline.core.config import load_recipe
     from pipeline.pretrain import engines, trainer
 
     work = fresh_copy(micro_data, tmp_path / "work")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.io import read_json, sha256_file, write_json
+from pipeline.core.io import read_json, sha256_file, write_json
 from tests.conftest import omp
 
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

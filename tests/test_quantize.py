@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.io import read_json
+from pipeline.core.io import read_json
 from pipeline.quantize.gptq import HessianHook, quantize_gptq
 from pipeline.quantize.rtn import dequantize, quantize_rtn
 from tests.conftest import MICRO, omp
@@ -167,7 +167,7 @@ def test_quantize_stage_report_and_variants(micro_pretrained, copy_workdir):
     work = copy_workdir(micro_pretrained)
     # quantize reads only artifacts/posttrain/final: the stand-in pretrained model plays that part
     shutil.copytree(work / "artifacts/pretrain/final", work / "artifacts/posttrain/final")
-    from pipeline.verify import seal
+    from pipeline.core.integrity import seal
 
     seal(work / "artifacts/posttrain", {"stage": "posttrain", "stand_in": "artifacts/pretrain/final"})
     proc = omp("quantize", "--recipe", MICRO, cwd=work, env={"HF_HUB_OFFLINE": "1"})
@@ -194,8 +194,8 @@ def test_quantize_stage_report_and_variants(micro_pretrained, copy_workdir):
 
 
 def test_recipe_errors_name_the_key(micro_data):
-    from pipeline.config import load_recipe
-    from pipeline.errors import RecipeError
+    from pipeline.core.config import load_recipe
+    from pipeline.core.errors import RecipeError
 
     with pytest.raises(RecipeError, match=r"quantize\.methods\.0"):
         load_recipe(micro_data / MICRO, check_files=False, overrides={"quantize": {"methods": ["int3-rtn"]}})

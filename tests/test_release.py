@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.io import read_json, sha256_file
+from pipeline.core.io import read_json, sha256_file
 from tests.conftest import MICRO, REPO, omp
 
 FAKE_TOKEN = "hf_PLANTEDfakeTOKENdoNOTleak0123456789"
@@ -298,8 +298,8 @@ def test_recreate_refuses_a_forged_lineage_or_release(released, tmp_path, capsys
 
 
 def test_recreate_names_a_byte_ledger_that_differs(tmp_path):
-    from pipeline.io import write_json
-    from pipeline.recreate import compare_ledger
+    from pipeline.core.io import write_json
+    from pipeline.commands.recreate import compare_ledger
 
     pub = {"all_gather/pseudo_grad/payload": {"bytes": 100, "calls": 2},
            "all_gather/pseudo_grad/scales": {"bytes": 16, "calls": 2}}
@@ -389,9 +389,9 @@ def _plant(copy: Path, failure: str) -> str:
         rungs[40]["parent_sha256"] = rungs[0]["sha256"]
         expect = "step-0000040: parent"
     elif failure == "other-seed":         # a ladder that starts from another seed's initialization
-        from pipeline.config import ModelCfg
-        from pipeline.ladder import init_sha256
-        from pipeline.model import build_model
+        from pipeline.core.config import ModelCfg
+        from pipeline.core.ladder import init_sha256
+        from pipeline.core.model import build_model
 
         cfg = read_json(copy / "config.json")
         other = build_model(ModelCfg.model_validate(lin["recipe"]["pretrain"]["model"]), cfg["vocab_size"],
@@ -510,7 +510,7 @@ def test_release_made_again_is_byte_identical_whatever_the_timings(released, tmp
     shutil.rmtree(copy / "artifacts/release")
     omp("release", "--recipe", MICRO, cwd=copy)
     again = copy / "artifacts/release/micro"
-    from pipeline.verify import tree_files
+    from pipeline.core.integrity import tree_files
 
     files = tree_files(rel, hidden=True)
     assert "lineage.json" in files and "README.md" in files and tree_files(again, hidden=True) == files

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.io import read_json, sha256_file, sha256_tree
+from pipeline.core.io import read_json, sha256_file, sha256_tree
 from tests.conftest import MICRO, REPO
 
 SHORT = {"pretrain": {"steps": 4, "checkpoint_every_steps": 2, "eval_every_steps": 4, "log_every_steps": 2,
@@ -315,7 +315,7 @@ def test_two_runs_at_once_the_second_refuses_naming_the_first(wd, tmp_path, caps
     finally:
         out, errs = first.communicate("")
     assert first.returncode == 0, errs[-2000:]
-    from pipeline.verify import verify_stage
+    from pipeline.core.integrity import verify_stage
 
     verify_stage(work / "artifacts/blend")
     lock = work / "artifacts/.blend.lock"
@@ -354,7 +354,7 @@ def test_kill_between_outputs_never_mixes_two_runs(wd, tmp_path, capsys):
     p = subprocess.run([sys.executable, "-c", KILL_BETWEEN_OUTPUTS], cwd=work, env=env, capture_output=True, text=True)
     assert p.returncode == 9, p.stderr[-2000:]
     # the old run's outputs are whole: weights, metrics and provenance agree and verify
-    from pipeline.verify import verify_stage
+    from pipeline.core.integrity import verify_stage
 
     rec = verify_stage(pre)
     assert sha256_file(pre / "final/model.safetensors") == old_model == rec["model_sha256"]
@@ -386,8 +386,8 @@ def test_resume_refuses_another_recipe_and_records_an_override(wd, tmp_path, cap
     # another data order (blend seed) is named too
     (work / "tests/recipes/order.yaml").write_text(SHORT_YAML + "blend: {seed: 99}\n")
     with cwd(work):
-        from pipeline import checkpoint as ckpt
-        from pipeline.config import load_recipe, recipe_dict, recipe_sha256
+        from pipeline.core import checkpoint as ckpt
+        from pipeline.core.config import load_recipe, recipe_dict, recipe_sha256
 
         r = load_recipe("tests/recipes/order.yaml")
         run = {"recipe_sha256": recipe_sha256(r), "indices_sha256": "0" * 64, "recipe": recipe_dict(r)}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data import PublishedOrder
+from pipeline.core.order import PublishedOrder
 
 
 def build_pretrained(workdir: Path, steps: int = 60, hidden: int = 64, layers: int = 2, seed: int = 0,
@@ -38,7 +38,7 @@ def build_pretrained(workdir: Path, steps: int = 60, hidden: int = 64, layers: i
     tok.save_pretrained(str(out))
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id).save_pretrained(str(out))
-    from pipeline.verify import seal
+    from pipeline.core.integrity import seal
 
     seal(out.parent, {"stage": "pretrain", "stand_in": "tests/tiny_model.py"})  # recorded as the stage records it
     return out

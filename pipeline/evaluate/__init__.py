@@ -25,13 +25,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import numerics
-from pipeline.config import Recipe
-from pipeline.errors import PipelineError, RecipeError
-from pipeline.io import atomic_dir, canonical_json, read_json, sha256_bytes, sha256_tree, write_json
-from pipeline.lineage import provenance
-from pipeline.log import status
-from pipeline.verify import check_relpath, seal, verify_model_dir, verify_stage
+from pipeline.core import numerics
+from pipeline.core.config import Recipe
+from pipeline.core.errors import PipelineError, RecipeError
+from pipeline.core.io import atomic_dir, canonical_json, read_json, sha256_bytes, sha256_tree, write_json
+from pipeline.core.provenance import provenance
+from pipeline.core.log import status
+from pipeline.core.integrity import check_relpath, seal, verify_model_dir, verify_stage
 
 OUT = Path("artifacts/evaluate")
 # lm-eval result keys that change from run to run, commit to commit or boot to boot (pretty_env_info
@@ -147,7 +147,7 @@ def load_lm(variant: Variant, batch_size: int, device: str = "cpu", precision: s
     weights (lm-eval's loop has no autocast)."""
     import torch
 
-    from pipeline.device import resolve, use_bf16
+    from pipeline.core.device import resolve, use_bf16
 
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -280,8 +280,8 @@ def evaluate_variant(variant: Variant, cfg, tm, std_tm=None, seed: int = 0,
 
 def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dict:
     numerics.enter_recipe(recipe, "evaluate")   # checks the pins; the same threads in-process as under `omp`
-    from pipeline import leaderboard
-    from pipeline.config import recipe_path
+    from pipeline.core import leaderboard
+    from pipeline.core.config import recipe_path
     from pipeline.evaluate import arena, contamination
 
     cfg, rfile = recipe.evaluate, recipe_path(recipe)

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.data import PublishedOrder
-from pipeline.io import read_json
-from pipeline.ngrams import item_ngrams, item_text, ngram_hashes, read_rows, seen_any, task_files
+from pipeline.core.order import PublishedOrder
+from pipeline.core.io import read_json
+from pipeline.core.ngrams import item_ngrams, item_text, ngram_hashes, read_rows, seen_any, task_files
 
 
 def training_ngrams(order: PublishedOrder, n: int, steps: int | None = None) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Learning curves: every rung of the checkpoint ladder (pipeline/ladder.py) scored with lm-eval on a
+"""Learning curves: every rung of the checkpoint ladder (pipeline/core/ladder.py) scored with lm-eval on a
 few tasks (`evaluate.ladder`: by default the perplexity tasks and one multiple-choice task, on the
 first `limit` items), task score against tokens seen.
 
@@ -14,13 +14,13 @@ import csv
 import io
 from pathlib import Path
 
-from pipeline.log import status
+from pipeline.core.log import status
 
 
 def rungs(artifacts: Path) -> list[tuple[dict, Path]]:
     """(rung record, folder) of pretraining's and post-training's rungs, each stage's files verified."""
-    from pipeline import ladder
-    from pipeline.verify import verify_stage
+    from pipeline.core import ladder
+    from pipeline.core.integrity import verify_stage
 
     out = []
     for stage in ("pretrain", "posttrain"):
@@ -36,7 +36,7 @@ def score(recipe, tm, found: list[tuple[dict, Path]]) -> list[dict]:
     """One row per rung and task: the task's primary metric (leaderboard.PRIMARY) with its stderr."""
     from lm_eval import simple_evaluate
 
-    from pipeline import leaderboard
+    from pipeline.core import leaderboard
     from pipeline.evaluate import Variant, _jsonable, add_bits_per_byte_stderr, load_lm
 
     cfg, seed = recipe.evaluate, recipe.seed
@@ -102,7 +102,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write(out: Path, rows: list[dict]) -> None:
-    from pipeline.io import atomic_write_text, write_json
+    from pipeline.core.io import atomic_write_text, write_json
 
     write_json(out / "ladder.json", rows)
     atomic_write_text(out / "ladder.csv", csv_text(rows))

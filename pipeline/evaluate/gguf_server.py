@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 ROLLING = "loglikelihood_rolling"
 
@@ -45,7 +45,7 @@ def usable_python(python: str | None) -> str | None:
 
 def task_output_types(tm, names: list[str]) -> dict[str, str]:
     """lm-eval task name -> its output_type, read from the task YAMLs the task manager indexed."""
-    from pipeline.ngrams import load_task_yaml
+    from pipeline.core.ngrams import load_task_yaml
 
     out = {}
     for name in names:

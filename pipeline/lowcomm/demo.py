@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from pipeline.comm import Comm
+from pipeline.core.comm import Comm
 from pipeline.lowcomm.strategy import Strategy
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.comm import Comm
+from pipeline.core.comm import Comm
 from pipeline.lowcomm.compress import ErrorFeedback, decompress
 from pipeline.lowcomm.strategy import DDPStrategy, Strategy
 

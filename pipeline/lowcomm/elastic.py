@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.comm import Comm
-from pipeline.errors import CheckpointError
-from pipeline.io import atomic_write_bytes
+from pipeline.core.comm import Comm
+from pipeline.core.errors import CheckpointError
+from pipeline.core.io import atomic_write_bytes
 
 
 class SyncCheckpointer:

@@ -67,7 +67,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import AllgatherOptions, ReduceOp
 
-from pipeline.comm import Comm
+from pipeline.core.comm import Comm
 
 
 class ManagerComm(Comm):

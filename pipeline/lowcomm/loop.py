@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.comm import Comm
+from pipeline.core.comm import Comm
 from pipeline.lowcomm.strategy import Strategy, apply_update, make_strategy  # noqa: F401 - re-exported
 
 

@@ -14,7 +14,7 @@ the strategy changes (a recipe switch, `pretrain.distributed.mode`). Per trainin
 the hooks is written once. The optimizer comes from strategy.build_optimizer (DeMo replaces AdamW
 with its own). Anything the strategy keeps across steps (global params, outer momentum,
 error-feedback buffers) is returned by state_dict() and restored by load_state_dict(), and goes into
-every checkpoint. All communication goes through `self.comm` (pipeline.comm.Comm), which counts bytes.
+every checkpoint. All communication goes through `self.comm` (pipeline.core.comm.Comm), which counts bytes.
 
 This package imports nothing from pipeline.pretrain: the trainer depends on it, not the reverse.
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.comm import Comm
+from pipeline.core.comm import Comm
 
 
 class Strategy:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.comm import Comm
-from pipeline.config import PretrainCfg, Recipe
-from pipeline.errors import RecipeError
+from pipeline.core.comm import Comm
+from pipeline.core.config import PretrainCfg, Recipe
+from pipeline.core.errors import RecipeError
 from pipeline.lowcomm.strategy import Strategy, apply_update, make_strategy
 
 

@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import numerics
-from pipeline.config import Recipe, recipe_dict, recipe_path
-from pipeline.errors import PipelineError, RecipeError
-from pipeline.io import read_json, write_json
+from pipeline.core import numerics
+from pipeline.core.config import Recipe, recipe_dict, recipe_path
+from pipeline.core.errors import PipelineError, RecipeError
+from pipeline.core.io import read_json, write_json
 
 CONTROL = "torchft"            # under checkpoints/
 
@@ -221,12 +221,12 @@ def _wait_hooks(out_dir: Path, replica_id: int, address: str):
 
 
 def train_replica(recipe: Recipe, out_dir: Path, resume: str, dirs, replica_id: int, address: str) -> dict:
-    from pipeline import checkpoint as ckpt
-    from pipeline.lineage import environment, git_commit
+    from pipeline.core import checkpoint as ckpt
+    from pipeline.core.provenance import environment, git_commit
     from pipeline.lowcomm.ft import ManagerComm, ReplicaState, make_manager, round_of, rounds_in, run_rounds
-    from pipeline.config import recipe_sha256
-    from pipeline.data import PublishedOrder
-    from pipeline.model import build_model, count_params, special_ids, vocab_size
+    from pipeline.core.config import recipe_sha256
+    from pipeline.core.order import PublishedOrder
+    from pipeline.core.model import build_model, count_params, special_ids, vocab_size
     from pipeline.pretrain.engines import PlainEngine
     from pipeline.pretrain.trainer import (Context, evaluate, load_checkpoint, save_checkpoint,
                                            seed_worker, set_determinism, val_windows)

@@ -15,10 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline import numerics
-from pipeline.config import Recipe, recipe_dict, recipe_path
-from pipeline.errors import PipelineError
-from pipeline.io import read_json, write_json
+from pipeline.core import numerics
+from pipeline.core.config import Recipe, recipe_dict, recipe_path
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import read_json, write_json
 
 OUT = Path("artifacts/pretrain")
 EXIT_FILE = ".exit.json"  # rank 0's reason for a non-zero exit, read back by the launcher

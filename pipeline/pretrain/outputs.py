@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import Recipe
-from pipeline.io import atomic_dir, sha256_file, write_json
-from pipeline.lineage import provenance
-from pipeline.verify import seal
+from pipeline.core.config import Recipe
+from pipeline.core.io import atomic_dir, sha256_file, write_json
+from pipeline.core.provenance import provenance
+from pipeline.core.integrity import seal
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def write_final(model, out: Path, tokenizer_dir: Path, lineage: dict) -> Path:
     """artifacts/pretrain/final: config.json, model.safetensors, generation_config.json, tokenizer files."""
-    from pipeline.ladder import save_hf
+    from pipeline.core.ladder import save_hf
 
     final = out / "final"
     with atomic_dir(final) as tmp:
@@ -78,7 +78,7 @@ def write(recipe: Recipe, out: Path, model, history: list[dict], metrics: dict, 
     """Every output of the run (final/, ladder/, metrics, history, dvclive/, the plot, provenance) is
     built in one temporary sibling of `out` and swapped in together (checkpoints/ carried over), so a
     kill never leaves the new weights beside the old run's metrics or provenance."""
-    from pipeline import ladder
+    from pipeline.core import ladder
 
     with atomic_dir(out, keep=("checkpoints",)) as tmp:
         final = write_final(model, tmp, dirs.tokenizer, {**lineage, "parent_checkpoint": parent})

@@ -34,16 +34,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint as ckpt
-from pipeline import ladder
-from pipeline.comm import Comm, init_process_group
-from pipeline.config import PretrainCfg, Recipe, recipe_dict, recipe_sha256
-from pipeline.data import PublishedOrder
-from pipeline.errors import PipelineError, RecipeError
-from pipeline.io import read_json, write_json
-from pipeline import numerics
-from pipeline.lineage import environment, git_commit
-from pipeline.model import build_model, count_params, special_ids, vocab_size
+from pipeline.core import checkpoint as ckpt
+from pipeline.core import ladder
+from pipeline.core.comm import Comm, init_process_group
+from pipeline.core.config import PretrainCfg, Recipe, recipe_dict, recipe_sha256
+from pipeline.core.order import PublishedOrder
+from pipeline.core.errors import PipelineError, RecipeError
+from pipeline.core.io import read_json, write_json
+from pipeline.core import numerics
+from pipeline.core.provenance import environment, git_commit
+from pipeline.core.model import build_model, count_params, special_ids, vocab_size
 from pipeline.pretrain.engines import make_adamw, make_engine  # noqa: F401 - make_adamw re-exported
 
 

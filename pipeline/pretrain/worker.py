@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.errors import PipelineError
-from pipeline.io import write_json
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import write_json
 
 
 def main(argv=None) -> int:
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--lighthouse", default=None, help="engine torchft: the Lighthouse address")
     a = p.parse_args(argv)
 
-    from pipeline import numerics
+    from pipeline.core import numerics
     from pipeline.pretrain.launch import EXIT_FILE, load_spec
 
     recipe = load_spec(Path(a.spec))

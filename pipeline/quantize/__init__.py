@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import numerics
-from pipeline.config import Recipe
-from pipeline.device import resolve as resolve_device
-from pipeline.errors import CheckpointError, DataIntegrityError
-from pipeline.io import atomic_dir, atomic_write_text, sha256_file, write_json
-from pipeline.lineage import provenance
-from pipeline.verify import seal, verify_model_dir
+from pipeline.core import numerics
+from pipeline.core.config import Recipe
+from pipeline.core.device import resolve as resolve_device
+from pipeline.core.errors import CheckpointError, DataIntegrityError
+from pipeline.core.io import atomic_dir, atomic_write_text, sha256_file, write_json
+from pipeline.core.provenance import provenance
+from pipeline.core.integrity import seal, verify_model_dir
 from pipeline.quantize.compressed import save_quantized
 from pipeline.quantize.gguf_export import export_gguf, load_into
 from pipeline.quantize.gptq import HessianHook, quantize_gptq
@@ -49,7 +49,7 @@ def heldout_windows(blend_dir: Path, tokenize_dir: Path, seq_len: int, n_eval: i
     cover the mixture); even positions go to evaluation, odd ones to calibration: never the same
     tokens in both.
     """
-    from pipeline.data import PublishedOrder
+    from pipeline.core.order import PublishedOrder
 
     order = PublishedOrder(blend_dir, tokenize_dir)
     per_source = []
@@ -73,7 +73,7 @@ def _interleave(lists):
 def perplexity(model, windows: np.ndarray, batch_size: int = 8, device: torch.device | None = None,
                precision: str = "fp32") -> float:
     """exp(mean next-token NLL) over every predicted token of the windows (on `device`, if given)."""
-    from pipeline.device import autocast
+    from pipeline.core.device import autocast
 
     model = model.to(device) if device is not None else model
     dev = next(model.parameters()).device

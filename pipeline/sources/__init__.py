@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.config import BuiltinSource, HFSource, LocalSource
-from pipeline.errors import RecipeError
+from pipeline.core.config import BuiltinSource, HFSource, LocalSource
+from pipeline.core.errors import RecipeError
 
 
 def iter_documents(source, manifest_path: str = "<manifest>", allow_paths=()) -> Iterator[str]:
@@ -31,7 +31,7 @@ def iter_documents(source, manifest_path: str = "<manifest>", allow_paths=()) ->
 
 def hub_or_local(repo_id: str, what: str, allow_paths=()) -> str:
     """A hub id `org/name`, or an existing local directory in hub layout confined to the project."""
-    from pipeline.verify import check_hub_id, confine
+    from pipeline.core.integrity import check_hub_id, confine
 
     if Path(repo_id).exists():
         confine(repo_id, what, allow_paths)
@@ -46,7 +46,7 @@ def _hf_documents(source: HFSource, manifest_path: str, allow_paths=()) -> Itera
 
     hub_or_local(source.repo_id, f"{manifest_path}: sources.{source.name}.repo_id", allow_paths)
 
-    from pipeline.errors import reading
+    from pipeline.core.errors import reading
 
     with reading(f"{manifest_path}: sources.{source.name}.repo_id {source.repo_id}@{source.revision}",
                  "cannot load"):  # unreachable hub, unknown revision, unreadable files: one line
@@ -76,7 +76,7 @@ def decode_text(data: bytes, file) -> str:
 
 
 def _local_documents(source: LocalSource, manifest_path: str, allow_paths=()) -> Iterator[str]:
-    from pipeline.verify import confine
+    from pipeline.core.integrity import confine
 
     key = f"sources.{source.name}.paths"
     files: list[str] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from pipeline.config import ArithmeticOptions
+from pipeline.core.config import ArithmeticOptions
 
 
 def answer(a: int, op: str, b: int) -> int:

@@ -10,7 +10,7 @@ A source is filtered in two parts so that the first can run anywhere:
    then the seeded order and the `max_docs` / `max_bytes` limits.
 
 Every step reports how many documents it removed; ingest writes those counts to ingest.json.
-A new per-document step is a pydantic model in `pipeline.config.FilterStep` and a builder here
+A new per-document step is a pydantic model in `pipeline.core.config.FilterStep` and a builder here
 registered under the same `kind` with `@register_step`.
 """
 
@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.config import Filters, LanguageStep, NearDedup, QualityStep
+from pipeline.core.config import Filters, LanguageStep, NearDedup, QualityStep
 
 # kind -> builder(step config) -> predicate(text) -> keep?
 STEPS: dict[str, Callable] = {}

@@ -10,8 +10,8 @@ which is how it is tested offline; on a Ray cluster such a directory must be on 
 
 from __future__ import annotations
 
-from pipeline.config import HFSource
-from pipeline.errors import RecipeError
+from pipeline.core.config import HFSource
+from pipeline.core.errors import RecipeError
 
 
 def hf_shards(source: HFSource, manifest_path: str, allow_paths=()) -> list:
@@ -19,7 +19,7 @@ def hf_shards(source: HFSource, manifest_path: str, allow_paths=()) -> list:
     `repo_id` is a hub id `org/name`, or a local directory inside the project (or allow_paths)."""
     import datasets
 
-    from pipeline.errors import reading
+    from pipeline.core.errors import reading
     from pipeline.sources import hub_or_local
 
     hub_or_local(source.repo_id, f"{manifest_path}: sources.{source.name}.repo_id", allow_paths)

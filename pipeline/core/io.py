@@ -70,7 +70,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
     """Parsed JSON; a file that is not UTF-8 JSON is DataIntegrityError naming it (and the line)."""
-    from pipeline.errors import DataIntegrityError
+    from pipeline.core.errors import DataIntegrityError
 
     with open(path, "rb") as f:
         data = f.read()

@@ -17,8 +17,8 @@ import re
 import shutil
 from pathlib import Path
 
-from pipeline.errors import CheckpointError, DataIntegrityError
-from pipeline.io import _fsync_dir, read_json, sha256_file, write_json
+from pipeline.core.errors import CheckpointError, DataIntegrityError
+from pipeline.core.io import _fsync_dir, read_json, sha256_file, write_json
 
 NAME = re.compile(r"^step-(\d{7})$")
 MANIFEST = "manifest.json"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import DataIntegrityError
-from pipeline.io import read_json
-from pipeline.verify import check_name, check_relpath, verify_file, verify_stage
+from pipeline.core.errors import DataIntegrityError
+from pipeline.core.io import read_json
+from pipeline.core.integrity import check_name, check_relpath, verify_file, verify_stage
 
 
 class PublishedOrder:

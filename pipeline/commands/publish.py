@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import PipelineError
-from pipeline.io import read_json
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import read_json
 
 
 LADDER_DIR = "checkpoints"
@@ -27,7 +27,7 @@ def _listing(release: Path) -> list[tuple[str, int]]:
 
 def branches(release: Path, lineage: dict) -> list[tuple[str, Path]]:
     """(hub branch, rung folder) of every rung the lineage lists, in step order."""
-    from pipeline.verify import check_relpath
+    from pipeline.core.integrity import check_relpath
 
     out = []
     for r in (lineage.get("ladder") or {}).get("rungs") or []:

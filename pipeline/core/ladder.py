@@ -1,6 +1,6 @@
 """The checkpoint ladder: the weights of chosen steps, published, hash-listed, verifiable, recreatable.
 
-Resume checkpoints (pipeline/checkpoint.py) are pruned to `keep_last`; a *rung* is kept for good.
+Resume checkpoints (pipeline/core/checkpoint.py) are pruned to `keep_last`; a *rung* is kept for good.
 `pretrain.ladder` chooses the steps (`steps()`: step 0, powers of two, every K, the listed ones and
 the last, as the open suites publish them). The trainer writes each rung while it trains, as a
 Hugging Face model folder (config, weights, generation config, tokenizer), atomically, under
@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline.io import atomic_dir, read_json, sha256_file, write_json
+from pipeline.core.io import atomic_dir, read_json, sha256_file, write_json
 
 NAME = re.compile(r"^step-(\d{7})$")
 RUNG = "rung.json"
@@ -117,7 +117,7 @@ def drop_after(root: Path, step: int) -> None:
 def link_into(src_root: Path, dst_root: Path) -> list[dict]:
     """The rungs of `src_root` (a run's work folder) hard-linked into the stage output `dst_root`, with
     the summary `ladder.json` (init sha256 + rungs). Returns the rungs."""
-    from pipeline.io import _link_tree
+    from pipeline.core.io import _link_tree
 
     rungs = read_rungs(src_root)
     dst_root.mkdir(parents=True, exist_ok=True)
@@ -141,7 +141,7 @@ def _label(rel: str) -> str:
 
 def check_files(release: Path, files: dict) -> list[str]:
     """Every file lineage.json lists is there with its sha256, and nothing else is (all mismatches)."""
-    from pipeline.verify import PathError, check_relpath, tree_files
+    from pipeline.core.integrity import PathError, check_relpath, tree_files
 
     problems = []
     for rel in sorted(files):
@@ -164,9 +164,9 @@ def check_files(release: Path, files: dict) -> list[str]:
 
 
 def init_sha256(recipe: dict, config: dict) -> str:
-    """sha256 of the weights the recipe's seed initializes (pipeline.model.build_model), as saved."""
-    from pipeline.config import ModelCfg
-    from pipeline.model import build_model
+    """sha256 of the weights the recipe's seed initializes (pipeline.core.model.build_model), as saved."""
+    from pipeline.core.config import ModelCfg
+    from pipeline.core.model import build_model
 
     model = build_model(ModelCfg.model_validate(recipe["pretrain"]["model"]), config["vocab_size"],
                         config["max_position_embeddings"],
@@ -276,8 +276,8 @@ def verify_release(release: Path, lineage: dict, check_init: bool = True) -> lis
 def verify(target: str, check_init: bool = True) -> int:
     """`omp verify <release dir | hub repo id>`: prints every mismatch, named by step and file;
     0 when the release verifies, 1 otherwise."""
-    from pipeline.errors import PipelineError
-    from pipeline.verify import HUB_ID
+    from pipeline.core.errors import PipelineError
+    from pipeline.core.integrity import HUB_ID
 
     path = Path(target)
     notes: list[str] = []
@@ -310,13 +310,13 @@ def verify(target: str, check_init: bool = True) -> int:
 
 def fetch_hub(repo_id: str) -> tuple[Path, list[str]]:
     """A published repository as a local release folder to verify: `main` holds the release but
-    `checkpoints/`; branch `step-NNNNNNN` holds that rung's files at its root (pipeline/publish.py).
+    `checkpoints/`; branch `step-NNNNNNN` holds that rung's files at its root (pipeline/commands/publish.py).
     Files come through huggingface_hub (its cache; HF_HUB_OFFLINE=1 reads only the cache). Returns the
     folder and notes on what could not be looked at."""
     from huggingface_hub import HfApi, hf_hub_download
 
-    from pipeline.errors import PipelineError
-    from pipeline.verify import check_relpath
+    from pipeline.core.errors import PipelineError
+    from pipeline.core.integrity import check_relpath
 
     def get(filename: str, revision: str) -> str | None:
         try:

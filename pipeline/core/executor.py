@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import pipeline
-from pipeline import numerics
-from pipeline.errors import PipelineError
+from pipeline.core import numerics
+from pipeline.core.errors import PipelineError
 
 # Units a stage keeps in flight per worker: enough to keep workers busy while the driver writes
 # results in order, bounded so that results do not pile up in memory.
@@ -68,7 +68,7 @@ class RayExecutor:
             root = str(Path(pipeline.__file__).resolve().parents[1])
             path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
             env = {"PYTHONPATH": path, "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-                   # the numerics profile of the driver (pipeline/numerics.py), for any torch a task loads
+                   # the numerics profile of the driver (pipeline/core/numerics.py), for any torch a task loads
                    **{k: os.environ[k] for k in (*numerics.ISA_VARS, numerics.PROFILE_VAR) if k in os.environ}}
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                       "runtime_env": {"env_vars": env}}

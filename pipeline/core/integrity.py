@@ -21,13 +21,13 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from pipeline.errors import DataIntegrityError, PipelineError
-from pipeline.io import read_json, sha256_file, write_json
+from pipeline.core.errors import DataIntegrityError, PipelineError
+from pipeline.core.io import read_json, sha256_file, write_json
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 PROVENANCE = "provenance.json"
-NOT_SEALED = ("checkpoints/",)  # pretrain checkpoints carry their own manifests (pipeline.checkpoint)
+NOT_SEALED = ("checkpoints/",)  # pretrain checkpoints carry their own manifests (pipeline.core.checkpoint)
 # dot-files (temporaries, the launcher's .recipe.json / .exit.json) are never outputs and never read
 
 

@@ -4,7 +4,7 @@
 local filesystems), holding {"pid", "host", "command"}. A second run refuses naming the holder's
 pid. A lock whose process is gone (same host, pid not alive) is stale: it is taken over, so a run
 killed with -9 never blocks the next one. The lock sits outside the folder it guards, so swapping
-the folder in one rename (pipeline.io.atomic_dir) keeps it.
+the folder in one rename (pipeline.core.io.atomic_dir) keeps it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 class LockedError(PipelineError):

@@ -19,8 +19,8 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
                       field_validator, model_validator)
 
-from pipeline.errors import RecipeError
-from pipeline.io import canonical_json, sha256_bytes
+from pipeline.core.errors import RecipeError
+from pipeline.core.io import canonical_json, sha256_bytes
 
 
 class Strict(BaseModel):
@@ -357,7 +357,7 @@ class DPOCfg(Strict):
     pairs: PosInt = 2000              # correct vs incorrect arithmetic answers (training split only)
 
 
-# where posttrain / quantize / evaluate run (pipeline/device.py): auto = CUDA when present, else CPU;
+# where posttrain / quantize / evaluate run (pipeline/core/device.py): auto = CUDA when present, else CPU;
 # precision auto = bf16 autocast on CUDA, fp32 on CPU (the offline default: CPU, fp32, bitwise)
 StageDevice = Literal["auto", "cpu", "cuda"]
 StagePrecision = Literal["auto", "fp32", "bf16"]
@@ -429,7 +429,7 @@ class EvaluateCfg(Strict):
     ladder: EvalLadderCfg = EvalLadderCfg()
 
 
-# --- pretraining (pipeline/pretrain/, pipeline/model.py)
+# --- pretraining (pipeline/pretrain/, pipeline/core/model.py)
 
 
 class ModelCfg(Strict):
@@ -453,7 +453,7 @@ class ModelCfg(Strict):
 
 
 class LadderCfg(Strict):
-    """The steps whose weights are published (pipeline/ladder.py), in the style of the open suites
+    """The steps whose weights are published (pipeline/core/ladder.py), in the style of the open suites
     (Pythia: step 0, powers of two, then every K steps): `initial` step 0, `powers_of_two` 1, 2, 4, ...
     below K, every `every` (K) steps, the listed `steps`, and always the last step. Written as HF-format folders
     `artifacts/pretrain/ladder/step-NNNNNNN/`, apart from the resume checkpoints `keep_last` prunes."""
@@ -507,11 +507,11 @@ class ReleaseCfg(Strict):
     tags: list[str] = []
 
 
-# --- where the numerics come from (pipeline/numerics.py)
+# --- where the numerics come from (pipeline/core/numerics.py)
 
 
 class PlatformCfg(Strict):
-    """CPU numerics of every process the chain starts (pipeline/numerics.py). portable (default):
+    """CPU numerics of every process the chain starts (pipeline/core/numerics.py). portable (default):
     ATen at AVX2, MKL's CNR AVX2 branch, oneDNN at most AVX2, `threads` threads: the same bits on
     any Intel CPU with AVX2 (and on any AMD CPU with AVX2, against other AMD CPUs: MKL runs its AUTO
     branch there). compatible: MKL's COMPATIBLE branch too, the same bits across vendors (~2.4x
@@ -638,7 +638,7 @@ def load_recipe(path: str | os.PathLike, overrides: dict | None = None, check_fi
         raise RecipeError(path, "", _format_errors(e)) from None
     object.__setattr__(recipe, "_path", str(path))
     if check_files:
-        from pipeline.verify import confine
+        from pipeline.core.integrity import confine
 
         for key, value in (("data.manifest", recipe.data.manifest),
                            ("tokenizer.pretrained_dir", recipe.tokenizer.pretrained_dir),

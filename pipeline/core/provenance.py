@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pipeline
-from pipeline.config import Recipe, config_sha256, recipe_dict, recipe_path, recipe_sha256, recipe_subset
+from pipeline.core.config import Recipe, config_sha256, recipe_dict, recipe_path, recipe_sha256, recipe_subset
 
 
 # paths no stage reads (dvc.yaml lists what each one does): changes to them move neither the lineage's
@@ -68,9 +68,9 @@ def provenance(stage: str, recipe: Recipe, inputs: dict[str, str] | None = None,
     """
     keys = STAGE_KEYS.get(stage)
     if keys is not None and "platform" in keys and "numerics" not in extra:
-        # the stages that compute with torch record the numerics in force (pipeline/numerics.py):
+        # the stages that compute with torch record the numerics in force (pipeline/core/numerics.py):
         # machine-independent under portable, the CPU's own choices under native
-        from pipeline.numerics import in_force
+        from pipeline.core.numerics import in_force
 
         extra["numerics"] = in_force()
     scope = {"config_keys": keys, "config": recipe_subset(recipe, keys), "config_sha256": config_sha256(recipe, keys)} \
@@ -112,7 +112,7 @@ def installed_versions(names) -> dict[str, str | None]:
 def environment(lock: Path = LOCK_FILE) -> dict:
     """The lock's sha256 and the installed version of each package it pins (and torch): equal on
     every machine set up from the lock, so it can sit in the published lineage."""
-    from pipeline.io import sha256_file
+    from pipeline.core.io import sha256_file
 
     pins = locked_packages(lock)
     return {"lock_file": lock.as_posix(), "lock_sha256": sha256_file(lock) if lock.is_file() else None,
@@ -120,8 +120,8 @@ def environment(lock: Path = LOCK_FILE) -> dict:
 
 
 def _stage_numerics(artifacts: Path) -> dict:
-    """The numerics each torch stage recorded in its provenance.json (pipeline/numerics.py)."""
-    from pipeline.io import read_json
+    """The numerics each torch stage recorded in its provenance.json (pipeline/core/numerics.py)."""
+    from pipeline.core.io import read_json
 
     out = {}
     for stage in ("pretrain", "posttrain", "quantize", "evaluate"):
@@ -132,7 +132,7 @@ def _stage_numerics(artifacts: Path) -> dict:
 
 
 def _file_entry(path: Path) -> dict:
-    from pipeline.io import sha256_file
+    from pipeline.core.io import sha256_file
 
     return {"path": path.as_posix(), "sha256": sha256_file(path), "text": path.read_text(encoding="utf-8")}
 
@@ -148,7 +148,7 @@ def dvc_lock_stages(path: Path = Path("dvc.lock")) -> dict:
 
 def _decontamination(artifacts: Path) -> dict:
     """tokenize.json's record of the eval files training was decontaminated against."""
-    from pipeline.io import read_json
+    from pipeline.core.io import read_json
 
     p = Path(artifacts) / "tokenize" / "tokenize.json"
     return (read_json(p).get("decontamination") if p.is_file() else None) or {"enabled": False}
@@ -161,7 +161,7 @@ def chain_lineage(recipe: Recipe, artifacts: Path = Path("artifacts")) -> dict:
     Holds no environment, host name or token: it is published as is.
     """
     from pipeline.ingest import lock_path
-    from pipeline.io import read_json, sha256_file
+    from pipeline.core.io import read_json, sha256_file
 
     manifest = Path(recipe.data.manifest)
     manifests = [_file_entry(manifest)]

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import recipe_sha256, Recipe
-from pipeline.errors import DataIntegrityError, PipelineError, RecipeError
-from pipeline.io import read_json, sha256_bytes, sha256_file
-from pipeline.lineage import git_commit
-from pipeline.verify import PathError, check_name, check_relpath, verify_file, verify_tree
+from pipeline.core.config import recipe_sha256, Recipe
+from pipeline.core.errors import DataIntegrityError, PipelineError, RecipeError
+from pipeline.core.io import read_json, sha256_bytes, sha256_file
+from pipeline.core.provenance import git_commit
+from pipeline.core.integrity import PathError, check_name, check_relpath, verify_file, verify_tree
 
 DATA_STAGES = ["ingest", "tokenizer", "tokenize", "blend"]
 UNTIL = {"pretrain": ["pretrain"], "posttrain": ["pretrain", "posttrain"],
@@ -82,7 +82,7 @@ def check_paths(lineage: dict, allow_outside: bool = False) -> None:
     for m in lineage["manifests"]:
         if m["path"].endswith((".yaml", ".yml")):
             try:
-                from pipeline.config import safe_load_unique
+                from pipeline.core.config import safe_load_unique
 
                 outside += list((safe_load_unique(m.get("text", "")) or {}).get("allow_paths") or [])
             except Exception as e:  # noqa: BLE001 - a manifest that does not parse is refused by name
@@ -129,7 +129,7 @@ def verify_published(lineage: dict, release: Path) -> None:
     try:
         recipe = Recipe.model_validate(lineage["recipe"])
     except ValidationError as e:
-        from pipeline.config import _format_errors
+        from pipeline.core.config import _format_errors
 
         raise RecipeError("lineage.json", "recipe", _format_errors(e)) from None
     if recipe_sha256(recipe) != lineage.get("recipe_sha256"):
@@ -209,7 +209,7 @@ def compare_safetensors(published: Path, recreated: Path, tolerance: float = 0.0
 def rung_dir(art: Path, stage: str, step: int) -> Path | None:
     """A rung the recreated chain wrote: in the stage output, or (a run stopped at it) in pretrain's
     working folder checkpoints/ladder/."""
-    from pipeline.ladder import rung_name
+    from pipeline.core.ladder import rung_name
 
     for d in (art / stage / "ladder" / rung_name(step), art / stage / "checkpoints" / "ladder" / rung_name(step)):
         if (d / "model.safetensors").is_file():
@@ -249,7 +249,7 @@ def expected_files(lineage: dict, workdir: Path, until: str, step: int | None = 
     (out / "data").mkdir()
     for f in ("indices.npy", "blend.json"):
         shutil.copyfile(art / "blend" / f, out / "data" / f)
-    from pipeline.config import recipe_dict
+    from pipeline.core.config import recipe_dict
 
     # as `omp release` writes it: the recipe's field order (lineage.json stores its keys sorted)
     recipe = recipe_dict(Recipe.model_validate(lineage["recipe"]))
@@ -303,8 +303,8 @@ def check_environment(lineage: dict) -> tuple[str, list[str]]:
     machine's. Puts the recorded profile in force here (the stages this starts inherit it) and
     returns (expectation, report lines): "bitwise" when everything that decides the bits is equal,
     else "tolerance" with each difference named."""
-    from pipeline import numerics
-    from pipeline.lineage import environment
+    from pipeline.core import numerics
+    from pipeline.core.provenance import environment
 
     recipe = Recipe.model_validate(lineage["recipe"])
     recorded = lineage.get("numerics") or {}
@@ -339,7 +339,7 @@ def check_environment(lineage: dict) -> tuple[str, list[str]]:
         lines.append(f"environment lock: recorded {str(env.get('lock_sha256'))[:16]}…, here "
                      f"{str(mine.get('lock_sha256'))[:16]}… ({mine['lock_file']})")
     recorded_pkgs = env.get("packages") or {}
-    from pipeline.lineage import installed_versions
+    from pipeline.core.provenance import installed_versions
 
     installed = installed_versions(recorded_pkgs)
     differ = [f"  {n}: lineage {v}, installed {installed.get(n)}" for n, v in sorted(recorded_pkgs.items())
@@ -387,7 +387,7 @@ def run(target: Path, until: str | None = None, workdir: Path | None = None, tol
     own_tmp = workdir is None
     wd = Path(workdir or tempfile.mkdtemp(prefix="omp-recreate-"))
     wd.mkdir(parents=True, exist_ok=True)
-    from pipeline.lock import output_lock
+    from pipeline.core.lock import output_lock
 
     with output_lock(wd, command="omp recreate"):
         ok = _recreate(lineage, release, wd, until, tolerance, step)

@@ -32,7 +32,7 @@ import sys
 import tempfile
 from functools import lru_cache
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 PROFILES = ("portable", "compatible", "native")
 PROFILE_VAR = "PIPELINE_NUMERICS"   # the profile in force, for child processes and the record
@@ -107,7 +107,7 @@ def enter(profile: str, threads: int, where: str = "recipe") -> dict[str, str]:
         if missing:
             raise NumericsError(f"{where}: platform.numerics {profile}: torch was imported before the profile "
                                 f"was applied ({', '.join(missing)} unset at load); start the process through "
-                                "`omp`, or export the variables pipeline.numerics.pinned_env() lists first")
+                                "`omp`, or export the variables pipeline.core.numerics.pinned_env() lists first")
     os.environ.update(want)
     if "torch" in sys.modules:
         set_threads(profile, threads)

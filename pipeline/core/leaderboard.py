@@ -13,9 +13,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_bytes, atomic_write_text, read_json
-from pipeline.log import status
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_write_bytes, atomic_write_text, read_json
+from pipeline.core.log import status
 
 BASELINE = "pretrain"
 Z = 1.96  # a delta is marked better/worse only beyond this many standard errors of the difference

@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from pipeline.errors import RecipeError
+from pipeline.core.errors import RecipeError
 
 
 def resolve(device: str, where: str = "<recipe>", key: str = "device") -> torch.device:
