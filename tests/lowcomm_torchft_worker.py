@@ -5,7 +5,7 @@
 spec: replica (int), lighthouse (address), rounds, inner_steps, out (dir), compression (kind),
       wait_for ([[round, what, n], ...]: before asking for the quorum of that round, wait until
       what is true: what = a file name in out (n omitted: the file exists), or a key of
-      pipeline.lowcomm.ft.lighthouse_status ("participants_healthy": peers already asking for the
+      pipeline.lowcomm.rounds.lighthouse_status ("participants_healthy": peers already asking for the
       next quorum; "heartbeating": replicas alive) that reaches n. Ordering is by files and by the
       Lighthouse's own state, never by sleeping),
       kill_at_step (SIGKILL itself after that inner step, or null), tag (name of the result file),
@@ -50,7 +50,7 @@ def _tensors(obj):
 
 
 def main(spec: dict) -> None:
-    from pipeline.lowcomm.ft import ManagerComm, start_replica, tensor_sha256, wait_lighthouse
+    from pipeline.lowcomm.rounds import ManagerComm, start_replica, tensor_sha256, wait_lighthouse
     from pipeline.lowcomm.loop import make_strategy
     from tests.test_lowcomm import batch_of, dist_cfg, mse, tiny_model, val_loss
 

@@ -17,7 +17,7 @@ def test_strategy_package_does_not_import_the_trainer():
     pipeline.pretrain: the trainer imports it, never the reverse (no import cycle)."""
     code = ("import sys\n"
             "import pipeline.lowcomm.strategy, pipeline.lowcomm.diloco, pipeline.lowcomm.demo, "
-            "pipeline.lowcomm.compress, pipeline.lowcomm.loop, pipeline.lowcomm.ft, pipeline.lowcomm.elastic\n"
+            "pipeline.lowcomm.compress, pipeline.lowcomm.loop, pipeline.lowcomm.rounds, pipeline.lowcomm.elastic\n"
             "print(sorted(m for m in sys.modules if m.startswith('pipeline.pretrain')))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -26,7 +26,7 @@ def test_strategy_package_does_not_import_the_trainer():
 def test_registry_and_per_rank_weights():
     from pipeline.core.comm import Comm
     from pipeline.core.config import DistributedCfg
-    from pipeline.lowcomm.strategy import STRATEGIES, make_strategy
+    from pipeline.lowcomm.modes import STRATEGIES, make_strategy
 
     assert set(STRATEGIES) == {"single", "ddp", "diloco", "demo"}
     kinds = {m: make_strategy(DistributedCfg(mode=m), Comm()) for m in ("ddp", "diloco", "demo")}
@@ -64,8 +64,65 @@ def test_adamw_is_fused_on_cuda_and_foreach_on_cpu():
         assert make_adamw(PretrainCfg(), "cuda")(q).defaults["fused"] is True
 
 
+def _protocol_members(proto) -> set[str]:
+    return {n for n in vars(proto) if not n.startswith("_")} | set(getattr(proto, "__annotations__", {}))
+
+
+@pytest.mark.parametrize("cls", ["PlainEngine", "DeepSpeedEngine", "TorchftEngine"])
+def test_every_engine_keeps_the_declared_protocol(cls):
+    """The loop talks to engines only through `Engine`: each engine class defines every method and
+    property of it (attributes set in __init__ are checked on live instances below)."""
+    from pipeline.pretrain import engines
+
+    members = _protocol_members(engines.Engine) - {"name", "comm", "lineage"}
+    missing = sorted(m for m in members if not hasattr(getattr(engines, cls), m))
+    assert not missing, f"{cls} lacks {missing} of the Engine protocol"
+
+
+def test_plain_and_torchft_engines_are_engines_and_commit_as_declared(tmp_path):
+    """A PlainEngine commits every step; a TorchftEngine (built, never connected: no Lighthouse)
+    is an Engine too, refuses a run that does not end on a round, and writes before its first round
+    only as replica 0 started fresh."""
+    from pipeline.core.config import Recipe
+    from pipeline.core.errors import RecipeError
+    from pipeline.pretrain.context import Context
+    from pipeline.pretrain.engines import COMMITTED, Engine, PlainEngine, ReplicaSpec, make_engine
+
+    model = torch.nn.Linear(4, 4)
+    plain = PlainEngine(Recipe(name="t"), model, Context(), 10)
+    assert isinstance(plain, Engine) and plain.writer and plain.begin_step(3) == 3
+    assert plain.end_step(3, torch.tensor(1.0)) is COMMITTED
+    ft = Recipe.model_validate({"name": "t", "pretrain": {"distributed": {
+        "mode": "diloco", "engine": "torchft", "world_size": 2, "diloco": {"inner_steps": 5}}}})
+    spec = ReplicaSpec(0, "http://localhost:1", tmp_path, "none", joining=False)
+    e = make_engine(ft, torch.nn.Linear(4, 4), Context(), 20, 8, replica=spec)
+    assert isinstance(e, Engine) and e.name == "torchft" and e.total_rounds == 4 and e.writer
+    assert not e.graceful_stop and e.metrics()["world_size"] == 2
+    joiner = make_engine(ft, torch.nn.Linear(4, 4), Context(), 20, 8,
+                         replica=ReplicaSpec(0, "http://localhost:1", tmp_path, "join", joining=True))
+    assert not joiner.writer
+    with pytest.raises(RecipeError, match=r"inner_steps: engine torchft: 22 steps do not end on a round"):
+        make_engine(ft, torch.nn.Linear(4, 4), Context(), 22, 8, replica=spec)
+    with pytest.raises(RecipeError, match="runs as replica processes"):
+        make_engine(ft, torch.nn.Linear(4, 4), Context(), 20, 8)
+
+
+def test_pretrain_and_posttrain_share_one_schedule():
+    """One lr_factor: pretrain's recipe schedule and posttrain's cosine to zero are the same code."""
+    import inspect
+
+    from pipeline import posttrain
+    from pipeline.core import schedule
+    from pipeline.core.config import PretrainCfg
+
+    cfg = PretrainCfg(warmup_steps=3, min_lr_ratio=0.1)
+    assert [schedule.pretrain_lr_factor(s, cfg, 10) for s in (0, 2, 3, 10)] == [1 / 3, 1.0, 1.0, 0.1]
+    assert schedule.lr_factor(5, 10, 0, floor=0.0) == 0.5
+    assert "schedule.lr_factor" in inspect.getsource(posttrain) or "lr_factor(" in inspect.getsource(posttrain)
+
+
 def test_set_determinism_settings():
-    from pipeline.pretrain.trainer import set_determinism
+    from pipeline.pretrain.context import set_determinism
 
     threads = torch.get_num_threads()
     try:

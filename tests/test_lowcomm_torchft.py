@@ -193,7 +193,7 @@ def test_one_replica_on_torchft_equals_plain_diloco(tmp_path, lighthouse, extra)
     gives bitwise the weights of DiLoCoStrategy on a plain Comm, and counts the same bytes; also
     with synchronous warm-up steps (one round each) and streaming fragments (F syncs per round)."""
     from pipeline.core.comm import Comm
-    from pipeline.lowcomm.ft import ManagerComm, ReplicaState, make_manager, round_range, rounds_in, run_rounds
+    from pipeline.lowcomm.rounds import ManagerComm, ReplicaState, make_manager, round_range, rounds_in, run_rounds
     from pipeline.lowcomm.loop import make_strategy, train_steps
     from tests.test_lowcomm import batch_of, dist_cfg, mse, tiny_model
 
@@ -237,7 +237,7 @@ def test_one_replica_on_torchft_equals_plain_diloco(tmp_path, lighthouse, extra)
 
 
 def test_rounds_must_end_on_the_run_length():
-    from pipeline.lowcomm.ft import rounds_in
+    from pipeline.lowcomm.rounds import rounds_in
     from tests.test_lowcomm import dist_cfg
 
     d = dist_cfg("diloco", inner_steps=H, warmup_sync_steps=2).diloco

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.errors import TrainingDiverged, TrainingStopped
 from pipeline.core.io import read_json, sha256_file
 from tests.conftest import MICRO, omp
 
@@ -169,7 +170,7 @@ def test_sigterm_then_resume_is_bitwise_identical(reference, tmp_path, monkeypat
         return update(self, step)
 
     monkeypatch.setattr(engines.PlainEngine, "update", update_then_signal)
-    with pytest.raises(trainer.TrainingStopped, match=r"SIGTERM after step 26 of 80.*--resume latest"):
+    with pytest.raises(TrainingStopped, match=r"SIGTERM after step 26 of 80.*--resume latest"):
         pretrain.run(load_recipe(MICRO))
     assert ckpt_steps(work) == [10, 20, 26]
     assert not (work / "artifacts/pretrain/final").exists()
@@ -227,7 +228,7 @@ def test_non_finite_loss_is_caught_at_the_next_sync_point_and_names_its_step(mic
         return loss * float("nan") if len(seen) == 14 else loss
 
     monkeypatch.setattr(engines.PlainEngine, "forward_backward", poisoned)
-    with pytest.raises(trainer.TrainingDiverged, match=r"non-finite loss \(nan\) at step 13;.*step-0000010"):
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss \(nan\) at step 13;.*step-0000010"):
         pretrain.run(load_recipe(MICRO))
     assert len(seen) == 15   # read back at the log step 15, the first sync point after it
     assert ckpt_steps(work) == [10]

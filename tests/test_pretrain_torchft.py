@@ -2,7 +2,7 @@
 Lighthouse and gloo: a replica killed with SIGKILL mid-run is restarted by `omp pretrain` and heals
 from its live peer; a replica started late by a second `omp pretrain` joins and heals. In both, the
 final weights are bitwise those of plain DiLoCo (`omp pretrain`, engine torchrun) with the same
-membership: the torchrun run resumes from the torchft run's checkpoint at the round the replica
+membership, and the ladder is written as by every engine (the trainer's one loop runs torchft too): the torchrun run resumes from the torchft run's checkpoint at the round the replica
 (re)joined, with worker 1 given worker 0's state there, which is what torchft's heal does.
 
 Processes are ordered by files (checkpoint manifests, the replicas' pid and waiting files) and by
@@ -138,6 +138,13 @@ def test_sigkilled_replica_is_restarted_heals_and_ends_on_plain_diloco_weights(m
     assert m["byte_ledger"] == {"all_reduce/pseudo_grad/payload": {"bytes": len(att) * 4 * m["params"],
                                                                    "calls": len(att)}}
     assert read_json(work / f"artifacts/pretrain/checkpoints/step-{k * H:07d}/ledger.json")["bytes_sent"] > 0
+    # the torchft engine runs the trainer's one loop: its ladder is written like every engine's
+    # (rung 8 falls inside round 1; a round rolled back by the kill loses its rungs and rewrites them)
+    lad = read_json(work / "artifacts/pretrain/ladder/ladder.json")
+    assert [r["step"] for r in lad["rungs"]] == [0, 8, STEPS]
+    assert lad["rungs"][0]["parent_sha256"] == lad["init_sha256"]
+    assert all(b["parent_sha256"] == a["sha256"] for a, b in zip(lad["rungs"], lad["rungs"][1:]))
+    assert lad["rungs"][-1]["sha256"] == m["model_sha256"]
     # bitwise: plain DiLoCo with the same membership
     assert replay_from(work, k * H, plain) == m["model_sha256"]
 

@@ -21,6 +21,14 @@ class CheckpointError(PipelineError):
     """A checkpoint is missing, truncated or does not match its manifest."""
 
 
+class TrainingDiverged(PipelineError):
+    """A non-finite loss or weight (pretrain, posttrain): nothing after the last good checkpoint was kept."""
+
+
+class TrainingStopped(PipelineError):
+    """Stopped by a signal after writing a checkpoint; resume with `--resume latest`."""
+
+
 class reading:  # noqa: N801 - used as `with reading(path):`
     """Turn any error raised while reading `what` (a file, or `file: key`) into one DataIntegrityError
     naming it, e.g. a tokenizers, safetensors, JSON or Unicode error that names no file itself."""

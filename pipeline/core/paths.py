@@ -6,6 +6,7 @@ a work folder under `omp recreate`), as dvc.yaml's `outs` are.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 ARTIFACTS = Path("artifacts")
@@ -20,3 +21,16 @@ def stage_dir(stage: str, artifacts: Path = ARTIFACTS) -> Path:
     if stage not in OUT:
         raise KeyError(f"{stage!r} is not a stage of the chain ({', '.join(STAGES)})")
     return Path(artifacts) / stage
+
+
+@dataclass
+class DataDirs:
+    """The data a training run reads: the published order (blend), the token files, the tokenizer."""
+    blend: Path = OUT["blend"]
+    tokenize: Path = OUT["tokenize"]
+    tokenizer: Path = OUT["tokenizer"]
+
+
+def final_dir(stage: str, artifacts: Path = ARTIFACTS) -> Path:
+    """artifacts/<stage>/final: a training stage's model folder (pretrain, posttrain)."""
+    return stage_dir(stage, artifacts) / "final"

@@ -1,6 +1,6 @@
 """A small driver for the strategies: the trainer's per-step protocol, on real gloo process groups.
 
-Used by the low-communication tests, the torchft driver (pipeline/lowcomm/ft.py) and bench/comm.py.
+Used by the low-communication tests, the torchft driver (pipeline/lowcomm/rounds.py) and bench/comm.py.
 Its update half is `pipeline.lowcomm.strategy.apply_update`, the function the trainer's plain
 engine calls, so the hooks run in the trainer's order and what it measures is what the trainer
 does; process launch and rendezvous are torch.multiprocessing + torch.distributed (gloo).
@@ -20,7 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.core.comm import Comm
-from pipeline.lowcomm.strategy import Strategy, apply_update, make_strategy  # noqa: F401 - re-exported
+from pipeline.lowcomm.modes import make_strategy  # noqa: F401 - re-exported (benchmarks, tests)
+from pipeline.lowcomm.strategy import Strategy, apply_update
 
 
 def train_steps(model: torch.nn.Module, strategy: Strategy, optimizer, batch_of: Callable[[int], object],

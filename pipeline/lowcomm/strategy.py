@@ -11,7 +11,8 @@ the strategy changes (a recipe switch, `pretrain.distributed.mode`). Per trainin
 
 `apply_update` is that second half, shared by the trainer's plain engine
 (pipeline/pretrain/engines.py) and the small driver in pipeline/lowcomm/loop.py, so the order of
-the hooks is written once. The optimizer comes from strategy.build_optimizer (DeMo replaces AdamW
+the hooks is written once. The registry of modes is pipeline/lowcomm/modes.py (it imports every strategy; they import only
+this base). The optimizer comes from strategy.build_optimizer (DeMo replaces AdamW
 with its own). Anything the strategy keeps across steps (global params, outer momentum,
 error-feedback buffers) is returned by state_dict() and restored by load_state_dict(), and goes into
 every checkpoint. All communication goes through `self.comm` (pipeline.core.comm.Comm), which counts bytes.
@@ -92,33 +93,6 @@ class DDPStrategy(Strategy):
             n = g.numel()
             g.copy_(flat[i:i + n].view_as(g))
             i += n
-
-
-def _diloco(comm: Comm, cfg) -> Strategy:
-    from pipeline.lowcomm.diloco import DiLoCoStrategy, IslandDiLoCoStrategy
-
-    if getattr(cfg, "islands", 1) > 1:
-        return IslandDiLoCoStrategy(comm, cfg)
-    return DiLoCoStrategy(comm, cfg)
-
-
-def _demo(comm: Comm, cfg) -> Strategy:
-    from pipeline.lowcomm.demo import DeMoStrategy
-
-    return DeMoStrategy(comm, cfg)
-
-
-# mode -> constructor(comm, dist_cfg); the low-communication modes are imported when asked for
-STRATEGIES = {"single": Strategy, "ddp": DDPStrategy, "diloco": _diloco, "demo": _demo}
-
-
-def make_strategy(dist_cfg, comm: Comm) -> Strategy:
-    """The strategy of `pretrain.distributed.mode`."""
-    try:
-        make = STRATEGIES[dist_cfg.mode]
-    except KeyError:
-        raise ValueError(f"pretrain.distributed.mode: unknown mode {dist_cfg.mode!r}") from None
-    return make(comm, dist_cfg)
 
 
 def grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor | None:

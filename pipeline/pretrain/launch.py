@@ -19,22 +19,23 @@ from pipeline.core import numerics
 from pipeline.core.config import Recipe, recipe_dict, recipe_path
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import read_json, write_json
+from pipeline.core.paths import OUT as STAGE_OUT
+from pipeline.pretrain import ft
+from pipeline.core.paths import DataDirs
 
-OUT = Path("artifacts/pretrain")
+OUT = STAGE_OUT["pretrain"]
 EXIT_FILE = ".exit.json"  # rank 0's reason for a non-zero exit, read back by the launcher
 
 
 def run(recipe: Recipe, out_dir: Path = OUT, resume: str = "none", dirs=None, node_rank: int | None = None,
         replica_ids: list[int] | None = None, lighthouse: str | None = None, stop_at: int | None = None) -> dict:
-    from pipeline.pretrain.trainer import DataDirs
-
     dirs = dirs or DataDirs()
     d = recipe.pretrain.distributed
     if d.engine == "torchft":
-        from pipeline.pretrain import ft
-
         return ft.launch(recipe, Path(out_dir), resume, dirs, replica_ids, lighthouse)
     if d.world_size == 1 and d.engine == "torchrun":
+        # torch loads here, not at the top: the launcher and the workers' entry point import this
+        # module before the numerics profile is in force (it must be set before torch loads)
         from pipeline.pretrain.trainer import train
 
         return train(recipe, Path(out_dir), resume, dirs, stop_at=stop_at)
@@ -84,7 +85,7 @@ def launch_workers(recipe: Recipe, out_dir: Path, resume: str, dirs, node_rank: 
     cmd = launch_command(recipe, spec, out_dir, resume, dirs, node_rank, stop_at)
     env = numerics.child_env(numerics.threads_for(recipe, "pretrain"))
     if d.engine == "deepspeed":
-        import torch
+        import torch  # torch's CUDA probe, in the launcher only (see run)
 
         if not torch.cuda.is_available():
             env.setdefault("DS_ACCELERATOR", "cpu")

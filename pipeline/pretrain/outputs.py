@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.core import ladder
 from pipeline.core.config import Recipe
 from pipeline.core.io import atomic_dir, sha256_file, write_json
 from pipeline.core.provenance import provenance
@@ -14,11 +15,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def write_final(model, out: Path, tokenizer_dir: Path, lineage: dict) -> Path:
     """artifacts/pretrain/final: config.json, model.safetensors, generation_config.json, tokenizer files."""
-    from pipeline.core.ladder import save_hf
-
     final = out / "final"
     with atomic_dir(final) as tmp:
-        save_hf(model, tmp, tokenizer_dir)   # as the ladder's rungs: the last rung is byte-identical
+        ladder.save_hf(model, tmp, tokenizer_dir)   # as the ladder's rungs: the last rung is byte-identical
         write_json(tmp / "lineage.json", lineage)
     return final
 
@@ -30,7 +29,7 @@ def val_mean(val: dict[str, float]) -> float:
 def write_dvclive(out: Path, history: list[dict]) -> None:
     """dvclive logs of the run: losses, lr, grad norm; no wall-clock figures (those are in
     artifacts/timings/pretrain.json), so equal runs write equal files."""
-    from dvclive import Live
+    from dvclive import Live  # dvclive imports dvc, seconds of start-up: only when outputs are written
 
     # dvc.yaml declares these files as metrics/plots; dvclive must not write its own dvc.yaml
     live = Live(str(out / "dvclive"), save_dvc_exp=False, dvcyaml=False)
@@ -47,7 +46,7 @@ def write_dvclive(out: Path, history: list[dict]) -> None:
 
 
 def plot_loss(out: Path, history: list[dict]) -> Path:
-    import matplotlib
+    import matplotlib  # heavy, and only the writer of the outputs plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -78,8 +77,6 @@ def write(recipe: Recipe, out: Path, model, history: list[dict], metrics: dict, 
     """Every output of the run (final/, ladder/, metrics, history, dvclive/, the plot, provenance) is
     built in one temporary sibling of `out` and swapped in together (checkpoints/ carried over), so a
     kill never leaves the new weights beside the old run's metrics or provenance."""
-    from pipeline.core import ladder
-
     with atomic_dir(out, keep=("checkpoints",)) as tmp:
         final = write_final(model, tmp, dirs.tokenizer, {**lineage, "parent_checkpoint": parent})
         # the rungs written while training (checkpoints/ladder/), sealed as outputs of the stage

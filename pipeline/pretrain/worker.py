@@ -1,4 +1,5 @@
-"""One torchrun worker: `python -m torch.distributed.run ... -m pipeline.pretrain.worker --spec ...`."""
+"""One training process: a torchrun worker (`python -m torch.distributed.run ... -m pipeline.pretrain.worker
+--spec ...`) or a torchft replica (`... --replica-id I --lighthouse URL`). Both run the trainer's one loop."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.core import numerics
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import write_json
+from pipeline.pretrain.launch import EXIT_FILE, load_spec
 
 
 def main(argv=None) -> int:
@@ -24,9 +27,6 @@ def main(argv=None) -> int:
     p.add_argument("--lighthouse", default=None, help="engine torchft: the Lighthouse address")
     a = p.parse_args(argv)
 
-    from pipeline.core import numerics
-    from pipeline.pretrain.launch import EXIT_FILE, load_spec
-
     recipe = load_spec(Path(a.spec))
     try:   # the launcher gave this process the profile's environment: checked, threads set, before torch loads
         numerics.enter_recipe(recipe, "pretrain", where=f"{a.spec} (pretrain worker)")
@@ -35,27 +35,22 @@ def main(argv=None) -> int:
             write_json(Path(a.out) / EXIT_FILE, {"message": str(e)})
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from pipeline.pretrain.trainer import DataDirs
+    # torch loads only now, after the numerics profile is in force (pipeline/core/numerics.py)
+    import torch.distributed as dist
+
+    from pipeline.core.paths import DataDirs
+    from pipeline.pretrain.trainer import train
 
     dirs = DataDirs(Path(a.blend_dir), Path(a.tokenize_dir), Path(a.tokenizer_dir))
-    from pipeline.pretrain.trainer import train  # one loop; the engine (plain or DeepSpeed) comes from the recipe
+    replica = (a.replica_id, a.lighthouse) if a.replica_id is not None else None
     try:
-        if a.replica_id is not None:
-            from pipeline.pretrain.ft import train_replica
-
-            train_replica(recipe, Path(a.out), a.resume, dirs, a.replica_id, a.lighthouse)
-        else:
-            train(recipe, Path(a.out), a.resume, dirs, stop_at=a.stop_at)
+        train(recipe, Path(a.out), a.resume, dirs, stop_at=a.stop_at, replica=replica)
     except PipelineError as e:
-        import torch.distributed as dist
-
         if not dist.is_initialized() or dist.get_rank() == 0:
             write_json(Path(a.out) / EXIT_FILE, {"message": str(e)})
             print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0

@@ -57,7 +57,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import re
+import os
+import socket
 import time
 import urllib.request
 from datetime import timedelta
@@ -68,6 +69,8 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import AllgatherOptions, ReduceOp
 
 from pipeline.core.comm import Comm
+from pipeline.lowcomm.lighthouse import lighthouse_status, wait_lighthouse  # noqa: F401 - re-exported
+from pipeline.lowcomm.loop import train_steps
 
 
 class ManagerComm(Comm):
@@ -169,8 +172,7 @@ def safe_http_transport(timeout: timedelta):
     schedulers). Ours is tensors, numbers, strings and the optimizer's plain dicts, so we keep the
     project rule: nothing received from the network may run code when it is loaded.
     """
-    import urllib.request
-
+    # torchft loads only in a torchft run (every pretrain process imports this module)
     from torchft.checkpointing._serialization import _streaming_load
     from torchft.checkpointing.http_transport import HTTPTransport
 
@@ -192,10 +194,7 @@ def make_manager(replica_id: str, lighthouse_addr: str, replica: ReplicaState, m
     The store listens on every interface and is advertised to the quorum under this host's name
     (OMP_FT_HOST overrides it), as torchft's Manager server is: peers on other hosts connect to it.
     """
-    import os
-    import socket
-
-    from torchft import Manager, ProcessGroupGloo
+    from torchft import Manager, ProcessGroupGloo  # only in a torchft run, as above
 
     timeout = timedelta(seconds=timeout_seconds)
     host = os.environ.get("OMP_FT_HOST") or socket.gethostname()
@@ -209,36 +208,6 @@ def make_manager(replica_id: str, lighthouse_addr: str, replica: ReplicaState, m
                       connect_timeout=timeout, init_sync=False,
                       checkpoint_transport=safe_http_transport(timeout))
     return manager, pg, store
-
-
-_STATUS = re.compile(r"\[(\d+)/(\d+) participants healthy\]\[(\d+) heartbeating\]")
-
-
-def lighthouse_status(address: str, timeout: float = 5.0) -> dict:
-    """What the Lighthouse will decide next, read from its /status page (torchft's dashboard):
-    participants_healthy (replicas asking for the next quorum, alive), participants (asking),
-    heartbeating (alive), status (torchft's one-line reason)."""
-    with urllib.request.urlopen(address.rstrip("/") + "/status", timeout=timeout) as f:
-        page = f.read().decode("utf-8", "replace")
-    line = next((ln for ln in page.splitlines() if "Next quorum status:" in ln), "")
-    m = _STATUS.search(line)
-    if m is None:
-        raise RuntimeError(f"torchft lighthouse {address}: unrecognised /status page: {line or page[:200]!r}")
-    return {"participants_healthy": int(m[1]), "participants": int(m[2]), "heartbeating": int(m[3]),
-            "status": line.split("Next quorum status:", 1)[1].strip()}
-
-
-def wait_lighthouse(address: str, key: str, at_least: int, seconds: float = 120.0) -> dict:
-    """Block until lighthouse_status(address)[key] >= at_least (polling its state, not guessing by time)."""
-    end = time.monotonic() + seconds
-    while True:
-        st = lighthouse_status(address)
-        if st[key] >= at_least:
-            return st
-        if time.monotonic() > end:
-            raise TimeoutError(f"torchft lighthouse {address}: {key} stayed below {at_least} for "
-                               f"{seconds} s; last status: {st['status']}")
-        time.sleep(0.02)
 
 
 def start_replica(replica_id: str, lighthouse_addr: str, model: torch.nn.Module, strategy, optimizer,
@@ -288,45 +257,86 @@ def round_of(d, step: int) -> int:
     return rounds_in(d, step)
 
 
+class Rounds:
+    """torchft's unit of commit, one round at a time (the protocol both drivers share: run_rounds
+    below, and the trainer's torchft engine, pipeline/pretrain/engines.py):
+
+        entry = rounds.begin()        quorum (a behind replica heals here), participating rank and
+                                      world size, a snapshot of the replica; None when every round
+                                      is committed (a heal can bring a replica to the end)
+        ... train steps entry["steps"][0] .. entry["steps"][1]-1 ...
+        rounds.end(entry, losses)     should_commit: True keeps the round; False restores the
+                                      snapshot (the caller redoes the round with the next quorum)
+    """
+
+    def __init__(self, manager, comm: ManagerComm, replica: ReplicaState, d, rounds: int,
+                 on_round: Callable[[int], None] | None = None, max_failed_rounds: int = 20):
+        self.manager, self.comm, self.replica, self.d, self.rounds = manager, comm, replica, d, rounds
+        self.on_round, self.max_failed_rounds = on_round, max_failed_rounds
+        self.log: list[dict] = []
+        self.failed = 0
+        self._snapshot, self._t0 = None, 0.0
+
+    def done(self) -> bool:
+        return self.manager.current_step() >= self.rounds
+
+    def begin(self) -> dict | None:
+        if self.on_round is not None:
+            self.on_round(self.manager.current_step())
+        self._t0 = time.monotonic()
+        healed_before = len(self.replica.healed)
+        self.manager.start_quorum()
+        quorum_seconds = time.monotonic() - self._t0
+        self.comm.begin_round()
+        r = self.manager.current_step()          # after a heal: the peer's count of committed rounds
+        if r >= self.rounds:
+            return None
+        start, stop = round_range(self.d, r)
+        entry = {"round": r, "world_size": self.comm.world_size, "rank": self.comm.rank,
+                 "quorum_seconds": quorum_seconds,
+                 "healed": len(self.replica.healed) > healed_before,
+                 "global_sha256": tensor_sha256(self.replica.strategy.state["fragments"][0]["global"]),
+                 "steps": [start, stop]}
+        self._snapshot = self.replica.state_dict()
+        return entry
+
+    def end(self, entry: dict, losses: list[float]) -> bool:
+        committed = self.manager.should_commit()
+        if not committed:
+            self.replica.restore(self._snapshot)
+            self.failed += 1
+            if self.failed > self.max_failed_rounds:
+                raise RuntimeError(f"torchft: {self.failed} rounds in a row failed to commit; last error "
+                                   f"{self.manager.errored()}")
+        else:
+            self.failed = 0
+        self._snapshot = None
+        entry.update(committed=committed, loss=sum(losses) / len(losses), seconds=time.monotonic() - self._t0,
+                     bytes_sent=self.comm.bytes_sent)
+        self.log.append(entry)
+        return committed
+
+
 def run_rounds(model: torch.nn.Module, strategy, optimizer, replica: ReplicaState, manager,
                comm: ManagerComm, batch_of: Callable[[int], object],
                loss_of: Callable[[torch.nn.Module, object], torch.Tensor], rounds: int,
                on_round: Callable[[int], None] | None = None,
                on_step: Callable[[int, float], None] | None = None,
                max_failed_rounds: int = 20,
-               train_round: Callable[[int, int, Callable], None] | None = None,
                on_commit: Callable[[dict], None] | None = None) -> list[dict]:
     """Train until torchft has committed `rounds` rounds; returns one log entry per attempt
     (round, world_size, rank, healed, committed, mean inner loss, seconds, quorum_seconds,
     bytes_sent so far, global_sha256 = sha256 of the global parameters at the round start).
 
-    `strategy` is a DiLoCoStrategy built on `comm` and already set up on `model`. `train_round(start,
-    stop, on_step)` trains steps start..stop-1 (default: train_steps with batch_of and loss_of);
-    `on_commit(entry)` runs after each committed round (checkpoints, evaluations).
+    The small driver of the lowcomm tests and benchmarks (pretraining runs torchft through the
+    trainer's one loop instead). `strategy` is a DiLoCoStrategy built on `comm` and already set up
+    on `model`; `on_commit(entry)` runs after each committed round.
     """
-    from pipeline.lowcomm.loop import train_steps
-
-    if train_round is None:
-        def train_round(start: int, stop: int, hook) -> None:
-            train_steps(model, strategy, optimizer, batch_of, loss_of, start, stop, on_step=hook)
-    log: list[dict] = []
-    failed = 0
-    while manager.current_step() < rounds:
-        if on_round is not None:
-            on_round(manager.current_step())
-        t0 = time.monotonic()
-        healed_before = len(replica.healed)
-        manager.start_quorum()
-        quorum_seconds = time.monotonic() - t0
-        comm.begin_round()
-        r = manager.current_step()          # after a heal: the peer's count of committed rounds
-        if r >= rounds:
+    protocol = Rounds(manager, comm, replica, strategy.d, rounds, on_round, max_failed_rounds)
+    while not protocol.done():
+        entry = protocol.begin()
+        if entry is None:
             break
-        entry = {"round": r, "world_size": comm.world_size, "rank": comm.rank,
-                 "quorum_seconds": quorum_seconds,
-                 "healed": len(replica.healed) > healed_before,
-                 "global_sha256": tensor_sha256(strategy.state["fragments"][0]["global"])}
-        snapshot = replica.state_dict()
         losses: list[float] = []
 
         def step_hook(step: int, loss: float) -> None:
@@ -334,21 +344,8 @@ def run_rounds(model: torch.nn.Module, strategy, optimizer, replica: ReplicaStat
             if on_step is not None:
                 on_step(step, loss)
 
-        start, stop = round_range(strategy.d, r)
-        entry["steps"] = [start, stop]
-        train_round(start, stop, step_hook)
-        committed = manager.should_commit()
-        if not committed:
-            replica.restore(snapshot)
-            failed += 1
-            if failed > max_failed_rounds:
-                raise RuntimeError(f"torchft: {failed} rounds in a row failed to commit; last error "
-                                   f"{manager.errored()}")
-        else:
-            failed = 0
-        entry.update(committed=committed, loss=sum(losses) / len(losses), seconds=time.monotonic() - t0,
-                     bytes_sent=comm.bytes_sent)
-        log.append(entry)
-        if committed and on_commit is not None:
+        start, stop = entry["steps"]
+        train_steps(model, strategy, optimizer, batch_of, loss_of, start, stop, on_step=step_hook)
+        if protocol.end(entry, losses) and on_commit is not None:
             on_commit(entry)
-    return log
+    return protocol.log
