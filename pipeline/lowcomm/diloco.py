@@ -24,6 +24,7 @@ common starting point helps the outer optimizer (see the comm benchmark).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from pipeline.core.comm import Comm
 from pipeline.lowcomm.compress import ErrorFeedback, decompress
@@ -211,8 +212,6 @@ class IslandDiLoCoStrategy(DiLoCoStrategy):
     """
 
     def __init__(self, comm: Comm, cfg=None):
-        import torch.distributed as dist
-
         n, w, rank = cfg.islands, comm.world_size, comm.rank
         if w % n:
             raise ValueError(f"pretrain.distributed.islands: world_size {w} does not split into {n} islands")

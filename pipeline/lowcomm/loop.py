@@ -8,8 +8,10 @@ does; process launch and rendezvous are torch.multiprocessing + torch.distribute
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -44,9 +46,6 @@ def _die_with_parent() -> None:
     computing on for nobody (Linux: PR_SET_PDEATHSIG)."""
     if sys.platform != "linux":
         return
-    import ctypes
-    import signal
-
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
     if os.getppid() == 1:          # the launcher died before the call above
         os._exit(1)

@@ -243,7 +243,7 @@ class DeepSpeedEngine:
     synced = False               # no outer syncs: checkpoints follow checkpoint_every_steps alone
 
     def __init__(self, recipe: Recipe, model: torch.nn.Module, ctx, total: int, global_batch: int):
-        import deepspeed  # only a deepspeed run (see init_deepspeed)
+        import deepspeed  # only in a deepspeed run (see init_deepspeed)
 
         cfg = recipe.pretrain
         where = recipe_path(recipe)
@@ -317,7 +317,7 @@ class DeepSpeedEngine:
 
     def final_model(self) -> torch.nn.Module:
         """An unpartitioned copy of the weights on rank 0 (ZeRO-3 gathers its shards)."""
-        import deepspeed  # only a deepspeed run
+        import deepspeed  # only in a deepspeed run (see init_deepspeed)
 
         module = self.engine.module
         if self.cfg.distributed.zero_stage < 3:

@@ -52,7 +52,7 @@ def control_dir(out_dir: Path) -> Path:
 
 
 def start_lighthouse(bind: str, min_replicas: int, join_timeout_ms: int, heartbeat_timeout_ms: int):
-    from torchft._torchft import LighthouseServer
+    from torchft._torchft import LighthouseServer  # torchft loads only where a Lighthouse runs
 
     return LighthouseServer(bind=bind, min_replicas=min_replicas, join_timeout_ms=join_timeout_ms,
                             quorum_tick_ms=50, heartbeat_timeout_ms=heartbeat_timeout_ms)

@@ -11,6 +11,7 @@ from pathlib import Path
 from pipeline.core import numerics
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import write_json
+from pipeline.core.paths import DataDirs
 from pipeline.pretrain.launch import EXIT_FILE, load_spec
 
 
@@ -19,9 +20,9 @@ def main(argv=None) -> int:
     p.add_argument("--spec", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", default="none")
-    p.add_argument("--blend-dir", default="artifacts/blend")
-    p.add_argument("--tokenize-dir", default="artifacts/tokenize")
-    p.add_argument("--tokenizer-dir", default="artifacts/tokenizer")
+    p.add_argument("--blend-dir", default=str(DataDirs.blend))
+    p.add_argument("--tokenize-dir", default=str(DataDirs.tokenize))
+    p.add_argument("--tokenizer-dir", default=str(DataDirs.tokenizer))
     p.add_argument("--stop-at", type=int, default=None)
     p.add_argument("--replica-id", type=int, default=None, help="engine torchft: this replica group")
     p.add_argument("--lighthouse", default=None, help="engine torchft: the Lighthouse address")
@@ -38,7 +39,6 @@ def main(argv=None) -> int:
     # torch loads only now, after the numerics profile is in force (pipeline/core/numerics.py)
     import torch.distributed as dist
 
-    from pipeline.core.paths import DataDirs
     from pipeline.pretrain.trainer import train
 
     dirs = DataDirs(Path(a.blend_dir), Path(a.tokenize_dir), Path(a.tokenizer_dir))
