@@ -1,4 +1,10 @@
-"""`omp`: a thin command line. Each subcommand parses arguments and calls one stage's `run`."""
+"""`omp`: a thin command line. Each subcommand parses arguments and calls one stage's `run`.
+
+Each `cmd_*` imports its own stage or command module when it runs, not here: `omp --help` and the
+light commands load no torch, `omp <stage>` loads no other stage's code (its dvc.yaml deps are its
+own import closure, tools/dvc_deps.py), and torch is imported only after `enter_numerics` has pinned
+the CPU numerics. Those imports carry the comment `# per command`.
+"""
 
 from __future__ import annotations
 
@@ -8,47 +14,50 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.core.errors import PipelineError
+import pipeline
+from pipeline.core import numerics
+from pipeline.core.config import load_recipe
+from pipeline.core.errors import PipelineError, one_line
+from pipeline.core.io import read_json, write_json
+from pipeline.core.lock import output_lock
 from pipeline.core.log import status
+from pipeline.core.paths import OUT, TIMINGS
 
 DEFAULT_RECIPE = "recipes/tiny.yaml"
 
 
 def _recipe(args):
-    from pipeline.core.config import load_recipe
-
     return load_recipe(args.recipe)
 
 
 def cmd_ingest(args):
-    from pipeline import ingest
+    from pipeline import ingest   # per command
 
     ingest.run(_recipe(args), update_lock=args.update_lock)
 
 
 def cmd_tokenizer(args):
-    from pipeline import tokenizer
+    from pipeline import tokenizer   # per command
 
     tokenizer.run(_recipe(args))
 
 
 def cmd_tokenize(args):
-    from pipeline import tokenize
+    from pipeline import tokenize   # per command
 
     tokenize.run(_recipe(args))
 
 
 def cmd_blend(args):
-    from pipeline import blend
+    from pipeline import blend   # per command
 
     report = blend.run(_recipe(args))
     print(blend.mixture_table(report))
 
 
 def cmd_pretrain(args):
-    from pipeline import pretrain
-
-    from pipeline.core.checkpoint import ACCEPT
+    from pipeline import pretrain   # per command
+    from pipeline.core.checkpoint import ACCEPT   # per command
 
     ids = None
     if args.replica_ids is not None:
@@ -69,28 +78,26 @@ def cmd_pretrain(args):
 
 
 def cmd_posttrain(args):
-    from pipeline import posttrain
+    from pipeline import posttrain   # per command
 
     m = posttrain.run(_recipe(args))
     print(f"arithmetic exact match (held-out): before {m['arith_em_before']:.3f} -> after {m['arith_em_after']:.3f}")
 
 
 def cmd_quantize(args):
-    from pipeline import quantize
+    from pipeline import quantize   # per command
 
     print(quantize.report_markdown(quantize.run(_recipe(args))))
 
 
 def cmd_evaluate(args):
-    from pipeline import evaluate
+    from pipeline import evaluate   # per command
 
     evaluate.run(_recipe(args))
 
 
 def cmd_leaderboard(args):
-    from pathlib import Path
-
-    from pipeline.core import leaderboard
+    from pipeline.core import leaderboard   # per command
 
     if args.experiments:
         results = leaderboard.gather_experiments(Path("."))
@@ -112,10 +119,7 @@ def cmd_leaderboard(args):
 
 
 def cmd_blend_report(args):
-    from pathlib import Path
-
-    from pipeline.blend import mixture_table
-    from pipeline.core.io import read_json
+    from pipeline.blend import mixture_table   # per command
 
     path = Path(args.blend_dir) / "blend.json"
     if not path.is_file():
@@ -124,7 +128,7 @@ def cmd_blend_report(args):
 
 
 def cmd_batch(args):
-    from pipeline.core.order import PublishedOrder
+    from pipeline.core.order import PublishedOrder   # per command
 
     order = PublishedOrder(args.blend_dir, args.tokenize_dir)
     try:
@@ -132,7 +136,7 @@ def cmd_batch(args):
     except IndexError as e:
         raise PipelineError(str(e)) from None
     if args.decode:
-        from pipeline.tokenizer import load
+        from pipeline.tokenizer import load   # per command
 
         tok = load(args.tokenizer_dir)
         texts = [tok.decode(row.tolist()) for row in ids]
@@ -149,19 +153,19 @@ def cmd_batch(args):
 
 
 def cmd_release(args):
-    from pipeline import release
+    from pipeline import release   # per command
 
     release.run(_recipe(args))
 
 
 def cmd_publish(args):
-    from pipeline.commands import publish
+    from pipeline.commands import publish   # per command
 
     publish.run(args.release_dir, args.repo_id, private=args.private)
 
 
 def cmd_recreate(args):
-    from pipeline.commands import recreate
+    from pipeline.commands import recreate   # per command
 
     code = recreate.run(args.target, until=args.until, workdir=args.workdir, tolerance=args.tolerance,
                         allow_outside=args.allow_outside, step=args.step)
@@ -170,23 +174,21 @@ def cmd_recreate(args):
 
 
 def cmd_verify(args):
-    from pipeline.core import ladder
+    from pipeline.commands import verify   # per command
 
-    code = ladder.verify(args.target, check_init=not args.no_init)
+    code = verify.verify(args.target, check_init=not args.no_init)
     if code:
         raise SystemExit(code)
 
 
 def cmd_lighthouse(args):
-    from pipeline.pretrain import ft
+    from pipeline.pretrain import ft   # per command
 
     ft.serve_lighthouse(args.port, args.min_replicas, args.join_timeout_ms, args.heartbeat_timeout_ms,
                         args.address_file)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import pipeline
-
     p = argparse.ArgumentParser(prog="omp", description="Open Model Pipeline: raw data to a recreatable model "
                                 "release. Results go to stdout, status messages to stderr.")
     p.add_argument("--version", action="version", version=f"omp {pipeline.__version__}",
@@ -198,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe YAML (default {DEFAULT_RECIPE})")
         # one writer per stage output: a second run refuses, naming the holder's pid (pipeline.core.lock)
-        sp.set_defaults(fn=fn, lock=f"artifacts/{name}")
+        sp.set_defaults(fn=fn, lock=str(OUT[name]))
         return sp
 
     sp = stage("ingest", cmd_ingest, "read every source of the data manifest into artifacts/ingest/")
@@ -239,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_lighthouse)
 
     sp = sub.add_parser("leaderboard", help="variants x tasks table from evaluate results, across experiments")
-    sp.add_argument("--evaluate-dir", default="artifacts/evaluate",
+    sp.add_argument("--evaluate-dir", default=str(OUT["evaluate"]),
                     help="evaluate output whose results/*.json are tabled (default artifacts/evaluate)")
     sp.add_argument("--dirs", nargs="+", metavar="[LABEL:]DIR", help="several evaluate output dirs side by side")
     sp.add_argument("--experiments", action="store_true",
@@ -253,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--step", type=int, required=True, help="training step (0-based) whose global batch to print")
     sp.add_argument("--json", action="store_true", help='print {"step": N, "input_ids": [[...], ...]}')
     sp.add_argument("--decode", action="store_true", help="also decode each sequence to text")
-    sp.add_argument("--blend-dir", default="artifacts/blend", help="published order (default artifacts/blend)")
-    sp.add_argument("--tokenize-dir", default="artifacts/tokenize", help="token files (default artifacts/tokenize)")
-    sp.add_argument("--tokenizer-dir", default="artifacts/tokenizer",
+    sp.add_argument("--blend-dir", default=str(OUT["blend"]), help="published order (default artifacts/blend)")
+    sp.add_argument("--tokenize-dir", default=str(OUT["tokenize"]), help="token files (default artifacts/tokenize)")
+    sp.add_argument("--tokenizer-dir", default=str(OUT["tokenizer"]),
                     help="tokenizer used by --decode (default artifacts/tokenizer)")
     sp.set_defaults(fn=cmd_batch)
 
@@ -284,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_verify)
 
     sp = sub.add_parser("blend-report", help="print the mixture table (target vs realized, epochs)")
-    sp.add_argument("--blend-dir", default="artifacts/blend", help="blend output with blend.json (default artifacts/blend)")
+    sp.add_argument("--blend-dir", default=str(OUT["blend"]), help="blend output with blend.json (default artifacts/blend)")
     sp.set_defaults(fn=cmd_blend_report)
     return p
 
@@ -292,8 +294,6 @@ def build_parser() -> argparse.ArgumentParser:
 def describe(exc: BaseException) -> str:
     """One line for any error: the pipeline's own name the file and key; others get the file they
     carry (OSError) or the place in the code they came from (run with --debug for the traceback)."""
-    from pipeline.core.errors import one_line
-
     if isinstance(exc, PipelineError):
         return " ".join(str(exc).split())
     if isinstance(exc, OSError) and exc.filename is not None:
@@ -315,8 +315,6 @@ def enter_numerics(args) -> None:
     process the stage starts inherits them. Stages that never compute with torch (the data stages,
     the release) pin nothing; `omp verify` (it rebuilds the seed's initialization) pins the default
     profile where the environment is silent; `omp recreate` enters the profile the lineage records."""
-    from pipeline.core import numerics
-
     if getattr(args, "recipe", None) is not None and args.command in TORCH_STAGES:
         numerics.enter_recipe(_recipe(args), args.command, where=f"{args.recipe}: platform.numerics")
     elif args.command == "verify" and numerics.PROFILE_VAR not in os.environ:
@@ -327,13 +325,10 @@ def enter_numerics(args) -> None:
 def write_machine(stage: str) -> None:
     """The CPU and the numerics this stage ran with, for information, apart from every hashed output
     (as the timings: artifacts/timings/machine-<stage>.json), so equal runs still write equal files."""
-    from pipeline.core import numerics
-    from pipeline.core.io import write_json
-
     rec = {"stage": stage, **numerics.machine()}
     if "torch" in sys.modules:
         rec["numerics"] = numerics.in_force()
-    path = Path("artifacts/timings") / f"machine-{stage}.json"
+    path = TIMINGS / f"machine-{stage}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, rec)
 
@@ -351,8 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         enter_numerics(args)
         if getattr(args, "lock", None):
-            from pipeline.core.lock import output_lock
-
             with output_lock(args.lock, command=f"omp {args.command}"):
                 args.fn(args)
             if args.command in TORCH_STAGES:

@@ -390,7 +390,7 @@ def _plant(copy: Path, failure: str) -> str:
         expect = "step-0000040: parent"
     elif failure == "other-seed":         # a ladder that starts from another seed's initialization
         from pipeline.core.config import ModelCfg
-        from pipeline.core.ladder import init_sha256
+        from pipeline.commands.verify import init_sha256
         from pipeline.core.model import build_model
 
         cfg = read_json(copy / "config.json")

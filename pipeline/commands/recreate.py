@@ -8,7 +8,8 @@ cost grows with N, not with the whole run. Then that rung's files are compared a
 First every file of the release is verified against `lineage.json` (`files`: relative path ->
 sha256; a missing, extra or changed file is refused by name, before any work), and the lineage
 against itself (the recipe, manifests, data order and checkpoint hashes it names agree with those
-files). Every path it names is confined to the work folder. Then the chain is rebuilt from the
+files; the checkpoint ladder's records hold): `omp verify`'s check (pipeline/commands/verify.py),
+but for the seed's initialization, which the rebuilt chain recomputes anyway. Every path it names is confined to the work folder. Then the chain is rebuilt from the
 lineage alone in a fresh working directory (the resolved recipe and the data manifests + lock
 files are written there from lineage.json), refusing a recreated data order that differs, and
 every release file the chain rebuilds up to `--until` (weights, config, tokenizer, generation
@@ -28,12 +29,19 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
-from pipeline.core.config import recipe_sha256, Recipe
+from pipeline.commands.verify import verify_release
+from pipeline.core import numerics
+from pipeline.core.config import _format_errors, recipe_dict, recipe_sha256, Recipe, safe_load_unique
 from pipeline.core.errors import DataIntegrityError, PipelineError, RecipeError
 from pipeline.core.io import read_json, sha256_bytes, sha256_file
-from pipeline.core.provenance import git_commit
-from pipeline.core.integrity import PathError, check_name, check_relpath, verify_file, verify_tree
+from pipeline.core.ladder import rung_name
+from pipeline.core.lock import output_lock
+from pipeline.core.paths import ARTIFACTS, OUT
+from pipeline.core.provenance import environment, git_commit, installed_versions
+from pipeline.core.integrity import PathError, check_name, check_relpath, verify_file
+from pipeline.release import copy_model_dir
 
 DATA_STAGES = ["ingest", "tokenizer", "tokenize", "blend"]
 UNTIL = {"pretrain": ["pretrain"], "posttrain": ["pretrain", "posttrain"],
@@ -82,8 +90,6 @@ def check_paths(lineage: dict, allow_outside: bool = False) -> None:
     for m in lineage["manifests"]:
         if m["path"].endswith((".yaml", ".yml")):
             try:
-                from pipeline.core.config import safe_load_unique
-
                 outside += list((safe_load_unique(m.get("text", "")) or {}).get("allow_paths") or [])
             except Exception as e:  # noqa: BLE001 - a manifest that does not parse is refused by name
                 raise DataIntegrityError(f"lineage.json: manifest {m['path']}: not valid YAML ({e})") from None
@@ -92,45 +98,11 @@ def check_paths(lineage: dict, allow_outside: bool = False) -> None:
                         "its work folder; refusing (pass --allow-outside after checking them)")
 
 
-def verify_release(lineage: dict, release: Path) -> None:
-    """Every file of the release is the one lineage.json lists (no file missing, added or changed),
-    and the hashes the lineage quotes elsewhere agree with that list."""
-    files = lineage.get("files")
-    if not isinstance(files, dict) or not files:
-        raise DataIntegrityError(f"{release / 'lineage.json'}: lists no release files (`files`); "
-                                 "cannot verify this release (made by an older version?)")
-    verify_tree(release, files, "lineage.json", skip=("lineage.json",), hidden=True)
-    data = _get(lineage, "data", kind=dict)
-    quoted = {"model.safetensors": lineage.get("model_sha256"), "data/indices.npy": data.get("indices_sha256"),
-              "data/blend.json": data.get("blend_json_sha256"),
-              **data.get("decontamination", {}).get("files", {})}
-    top = lineage.get("released_variant", "posttrain")
-    for c in lineage["checkpoints"]:
-        if c.get("stage") == top:
-            quoted["model.safetensors"] = quoted["model.safetensors"] or c.get("sha256")
-            if c.get("sha256") != quoted["model.safetensors"]:
-                raise DataIntegrityError(f"lineage.json: checkpoints.{c['name']}.sha256 does not match model_sha256")
-        elif c.get("stage") == "pretrain" and "base/model.safetensors" in files:
-            quoted["base/model.safetensors"] = c.get("sha256")
-        elif c.get("stage") == "quantize" and f"quantized/{c['name']}/{c.get('file')}" in files:
-            quoted[f"quantized/{c['name']}/{c['file']}"] = c.get("sha256")
-    for rel, digest in sorted(quoted.items()):
-        if rel in files and files[rel] != digest:
-            raise DataIntegrityError(f"{release / rel}: lineage.json records two different sha256 for it "
-                                     f"(files: {files[rel][:16]}…, elsewhere: {str(digest)[:16]}…)")
-        if rel not in files:
-            raise DataIntegrityError(f"{release / rel}: named by lineage.json but not in its file list")
-
-
 def verify_published(lineage: dict, release: Path) -> None:
     """The lineage is self-consistent and the published files are the ones it names."""
-    from pydantic import ValidationError
-
     try:
         recipe = Recipe.model_validate(lineage["recipe"])
     except ValidationError as e:
-        from pipeline.core.config import _format_errors
-
         raise RecipeError("lineage.json", "recipe", _format_errors(e)) from None
     if recipe_sha256(recipe) != lineage.get("recipe_sha256"):
         raise DataIntegrityError("lineage.json: the recipe does not hash to recipe_sha256; refusing to recreate")
@@ -166,18 +138,19 @@ def _run_stage(stage: str, workdir: Path, *extra: str) -> None:
 
 
 def check_data(lineage: dict, workdir: Path) -> None:
-    blend = read_json(workdir / "artifacts/blend/blend.json")
-    p = workdir / "artifacts/blend/indices.npy"
+    blend = read_json(workdir / OUT["blend"] / "blend.json")
+    p = workdir / OUT["blend"] / "indices.npy"
     if sha256_file(p) != lineage["data"]["indices_sha256"]:
         raise DataIntegrityError(f"{p}: the recreated data order differs from the published one "
                                  f"(indices sha256 {sha256_file(p)[:16]}… vs {lineage['data']['indices_sha256'][:16]}…)")
     for name, digest in lineage["data"]["token_files"].items():
         if blend["token_files"].get(name) != digest:
-            raise DataIntegrityError(f"{workdir / 'artifacts/tokenize' / name / 'train.npy'}: recreated tokens "
+            raise DataIntegrityError(f"{workdir / OUT['tokenize'] / name / 'train.npy'}: recreated tokens "
                                      f"differ from the published sha256 {digest[:16]}…")
 
 
 def compare_safetensors(published: Path, recreated: Path, tolerance: float = 0.0) -> tuple[bool, list[str]]:
+    # torch only after check_environment has put the lineage's numerics in force (pipeline/core/numerics.py)
     import torch
     from safetensors.torch import load_file
 
@@ -209,8 +182,6 @@ def compare_safetensors(published: Path, recreated: Path, tolerance: float = 0.0
 def rung_dir(art: Path, stage: str, step: int) -> Path | None:
     """A rung the recreated chain wrote: in the stage output, or (a run stopped at it) in pretrain's
     working folder checkpoints/ladder/."""
-    from pipeline.core.ladder import rung_name
-
     for d in (art / stage / "ladder" / rung_name(step), art / stage / "checkpoints" / "ladder" / rung_name(step)):
         if (d / "model.safetensors").is_file():
             return d
@@ -220,9 +191,7 @@ def rung_dir(art: Path, stage: str, step: int) -> Path | None:
 def expected_files(lineage: dict, workdir: Path, until: str, step: int | None = None) -> dict[str, Path]:
     """Release path -> the file the recreated chain produced for it, for every release file the
     stages up to `until` rebuild, assembled the way `omp release` assembles them."""
-    from pipeline.release import copy_model_dir
-
-    art, out = workdir / "artifacts", workdir / ".expected-release"
+    art, out = workdir / ARTIFACTS, workdir / ".expected-release"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     top = lineage.get("released_variant", "posttrain")
@@ -249,8 +218,6 @@ def expected_files(lineage: dict, workdir: Path, until: str, step: int | None = 
     (out / "data").mkdir()
     for f in ("indices.npy", "blend.json"):
         shutil.copyfile(art / "blend" / f, out / "data" / f)
-    from pipeline.core.config import recipe_dict
-
     # as `omp release` writes it: the recipe's field order (lineage.json stores its keys sorted)
     recipe = recipe_dict(Recipe.model_validate(lineage["recipe"]))
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
@@ -303,9 +270,6 @@ def check_environment(lineage: dict) -> tuple[str, list[str]]:
     machine's. Puts the recorded profile in force here (the stages this starts inherit it) and
     returns (expectation, report lines): "bitwise" when everything that decides the bits is equal,
     else "tolerance" with each difference named."""
-    from pipeline.core import numerics
-    from pipeline.core.provenance import environment
-
     recipe = Recipe.model_validate(lineage["recipe"])
     recorded = lineage.get("numerics") or {}
     profile = recipe.platform.numerics
@@ -339,8 +303,6 @@ def check_environment(lineage: dict) -> tuple[str, list[str]]:
         lines.append(f"environment lock: recorded {str(env.get('lock_sha256'))[:16]}…, here "
                      f"{str(mine.get('lock_sha256'))[:16]}… ({mine['lock_file']})")
     recorded_pkgs = env.get("packages") or {}
-    from pipeline.core.provenance import installed_versions
-
     installed = installed_versions(recorded_pkgs)
     differ = [f"  {n}: lineage {v}, installed {installed.get(n)}" for n, v in sorted(recorded_pkgs.items())
               if installed.get(n) != v]
@@ -370,7 +332,10 @@ def run(target: Path, until: str | None = None, workdir: Path | None = None, tol
         allow_outside: bool = False, step: int | None = None) -> int:
     lineage, release = load_lineage(target)
     check_paths(lineage, allow_outside)
-    verify_release(lineage, release)
+    problems = verify_release(release, lineage, check_init=False)   # the seed's initialization: rebuilt below
+    if problems:
+        raise DataIntegrityError(f"{release}: the release does not match its lineage.json "
+                                 f"({len(problems)} mismatch(es)): " + "; ".join(problems))
     verify_published(lineage, release)
     print(f"verified: {len(lineage['files'])} release files match lineage.json")
     if step is not None:
@@ -387,8 +352,6 @@ def run(target: Path, until: str | None = None, workdir: Path | None = None, tol
     own_tmp = workdir is None
     wd = Path(workdir or tempfile.mkdtemp(prefix="omp-recreate-"))
     wd.mkdir(parents=True, exist_ok=True)
-    from pipeline.core.lock import output_lock
-
     with output_lock(wd, command="omp recreate"):
         ok = _recreate(lineage, release, wd, until, tolerance, step)
     if own_tmp and ok:
@@ -432,7 +395,7 @@ def compare_ledger(lineage: dict, wd: Path) -> tuple[bool, list[str]]:
     """The pretrain byte ledger (bytes per worker by collective/tag/part) of the lineage against the
     rebuilt run's metrics.json: a recreation that sent other bytes is named entry by entry."""
     pre = next((c for c in lineage.get("checkpoints", []) if c.get("stage") == "pretrain"), None)
-    metrics = wd / "artifacts/pretrain/metrics.json"
+    metrics = wd / OUT["pretrain"] / "metrics.json"
     if pre is None or pre.get("byte_ledger") is None or not metrics.is_file():
         return True, ["byte ledger: not recorded in the lineage (or pretrain not rebuilt), not compared"]
     published, rebuilt = pre["byte_ledger"], read_json(metrics).get("byte_ledger") or {}
