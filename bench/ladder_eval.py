@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="items per task (default: evaluate.ladder.limit)")
     a = p.parse_args()
 
+    # torch and the stages after the arguments: --help stays instant
     import torch
 
     from pipeline.core import ladder

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from pipeline.core.config import load_recipe
+from pipeline.quantize.gptq import HessianHook
 from pipeline.quantize import (_load, apply_dequantized, heldout_windows, perplexity, quantizable,
                                quantize_model_gptq, quantize_model_rtn)
 
@@ -36,8 +37,6 @@ def linear_bytes(model, bits: int | None, group: int | None) -> int:
 def eval_hessians(model, windows) -> dict:
     """X^T X of every decoder Linear's inputs on the evaluation windows (float model)."""
     import torch
-
-    from pipeline.quantize.gptq import HessianHook
 
     hooks = {n: HessianHook(m) for n, m in quantizable(model).items()}
     with torch.no_grad():

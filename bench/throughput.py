@@ -57,6 +57,7 @@ def bare_loop(recipe, batches: list, device, autocast: bool, compile_: bool, war
     """Steady-state tokens/s of a plain loop: forward, backward, clip, AdamW step, zero_grad."""
     import torch
 
+    # torch-importing modules only here: main() sets CUDA_VISIBLE_DEVICES / the numerics pins first
     from pipeline.core.model import build_model, special_ids, vocab_size
     from pipeline.pretrain.engines import make_adamw
 
@@ -112,6 +113,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
+    # after CUDA_VISIBLE_DEVICES (and in profile_child the numerics pins): the modules below load torch
     from pipeline.core.config import load_recipe
     from pipeline.core.order import PublishedOrder
     from pipeline.core.model import build_model, count_params, vocab_size
@@ -173,7 +175,7 @@ def compare_numerics(a, argv: list[str]) -> int:
     import json
     import subprocess
 
-    from pipeline.core import numerics
+    from pipeline.core import numerics   # light (no torch); imported with the rest of this mode
 
     profiles = a.numerics.split(",")
     bad = [p for p in profiles if p not in numerics.PROFILES]
@@ -228,6 +230,7 @@ def profile_child(a) -> int:
     """One profile in this process: pins first, then torch; prints one JSON line of tokens/s."""
     import json
 
+    # pins first, then torch: nothing that loads torch may be imported before numerics.enter below
     from pipeline.core import numerics
     from pipeline.core.config import load_recipe
 
@@ -237,7 +240,7 @@ def profile_child(a) -> int:
     import numpy as np
     import torch
 
-    from pipeline.core.order import PublishedOrder
+    from pipeline.core.order import PublishedOrder   # after the pins (torch)
     from pipeline.pretrain.trainer import train, val_windows
 
     over = {"pretrain": {"steps": a.steps, "eval_every_steps": 10**6, "checkpoint_every_steps": 10**6,
@@ -255,7 +258,7 @@ def profile_child(a) -> int:
     sft = [torch.from_numpy(flat[i * per:(i + 1) * per].reshape(pt.batch_size, pt.max_len_tokens).astype(np.int64))
            for i in range(min(a.steps, len(flat) // per))]
     tps["sft"] = bare_loop(recipe, sft, torch.device("cpu"), False, False, 1)
-    from pipeline.core.model import build_model, special_ids, vocab_size
+    from pipeline.core.model import build_model, special_ids, vocab_size   # after the pins (torch)
 
     tok_dir = Path("artifacts/tokenizer")
     model = build_model(recipe.pretrain.model, vocab_size(tok_dir), order.seq_len, special_ids(tok_dir), seed=recipe.seed)

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.core.config import load_manifest, load_recipe  # noqa: E402
+from pipeline.core.io import atomic_write_bytes  # noqa: E402
 from pipeline.sources import arithmetic, iter_documents, select_documents  # noqa: E402
 from pipeline.tokenize import is_val  # noqa: E402
 
@@ -141,8 +142,6 @@ def main(argv=None) -> int:
         for n in bad:
             print(f"{args.out / n}: differs from a fresh build (run python evals/make_data.py)")
         return 1 if bad else 0
-    from pipeline.core.io import atomic_write_bytes
-
     for name, data in built.items():
         atomic_write_bytes(args.out / name, data)
         items = data.count(b"\n")

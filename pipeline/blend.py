@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import tokenize as tokstage
 from pipeline.core.config import Recipe, config_sha256, load_manifest, recipe_path
 from pipeline.core.errors import DataIntegrityError, RecipeError
 from pipeline.core.io import atomic_dir, read_json, sha256_file, write_json
 from pipeline.core.provenance import STAGE_KEYS, provenance
 from pipeline.core.log import status
+from pipeline.core.paths import OUT as STAGE_OUT
 from pipeline.core.integrity import seal, verify_stage
 
-OUT = Path("artifacts/blend")
+OUT = STAGE_OUT["blend"]
 LOGIC_VERSION = 1  # bump when the way indices are built changes; recorded in blend.json
 
 
@@ -65,7 +65,7 @@ def build_indices(chunks: list[int], shares: list[float], instances: int, seq_le
     return out, counts
 
 
-def run(recipe: Recipe, tokenize_dir: Path = tokstage.OUT, out_dir: Path = OUT) -> dict:
+def run(recipe: Recipe, tokenize_dir: Path = STAGE_OUT["tokenize"], out_dir: Path = OUT) -> dict:
     cfg = recipe.blend
     rfile = recipe_path(recipe)
     manifest = load_manifest(recipe.data.manifest)

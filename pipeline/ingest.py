@@ -28,19 +28,20 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.core.config import HFSource, Recipe, load_manifest
+from pipeline.core.config import HFSource, Recipe, load_manifest, manifest_lock_path
 from pipeline.core.errors import DataIntegrityError, PipelineError
 from pipeline.core.executor import make_executor
 from pipeline.core.io import (atomic_dir, atomic_write_bytes, atomic_write_text, canonical_json, read_json,
                          sha256_bytes, sha256_file, write_json)
+from pipeline.core.paths import OUT as STAGE_OUT
 from pipeline.core.provenance import provenance
 from pipeline.core.log import status
-from pipeline.core.integrity import seal
+from pipeline.core.integrity import check_name, seal, verify_stage
 from pipeline.sources import iter_documents
 from pipeline.sources.filters import filter_unit, finish
 from pipeline.sources.hf import hf_shards, shard_documents
 
-OUT = Path("artifacts/ingest")
+OUT = STAGE_OUT["ingest"]
 SHARD_DOCS = 5000
 
 
@@ -57,11 +58,6 @@ def stdlib_patch_drift(src, locked: dict) -> bool:
     made, here = str(locked.get("python", "")), platform.python_version()
     return (getattr(src, "kind", None) == "builtin" and getattr(src, "builtin", None) in STDLIB_SOURCES
             and made != here and _minor(made) == _minor(here))
-
-
-def lock_path(manifest_path: str | Path) -> Path:
-    p = Path(manifest_path)
-    return p.with_name(p.stem + ".lock.json")
 
 
 def _write_shards(docs: list[str], out: Path) -> dict[str, str]:
@@ -178,7 +174,7 @@ def run(recipe: Recipe, update_lock: bool = False, out_dir: Path = OUT,
         on_unit: Callable[[str, int, int], None] | None = None) -> dict:
     manifest_path = recipe.data.manifest
     manifest = load_manifest(manifest_path)
-    lock_file = lock_path(manifest_path)
+    lock_file = manifest_lock_path(manifest_path)
     lock = read_json(lock_file)["sources"] if lock_file.is_file() else {}
     report = {"manifest": manifest.name, "manifest_file": manifest_path,
               "manifest_sha256": sha256_file(manifest_path), "python": platform.python_version(),
@@ -238,8 +234,6 @@ def run(recipe: Recipe, update_lock: bool = False, out_dir: Path = OUT,
 
 def read_documents(name: str, ingest_dir: Path = OUT) -> list[str]:
     """The documents of one ingested source, its shards checked against the ingest record first."""
-    from pipeline.core.integrity import check_name, verify_stage
-
     verify_stage(ingest_dir, under=check_name(name, "source name"))
     docs = []
     for shard in sorted((ingest_dir / name).glob("shard-*.jsonl")):

@@ -16,6 +16,7 @@ recipe, and nothing else (Trainer callbacks, dataloader workers, hub lookups) si
 from __future__ import annotations
 
 import copy
+import glob
 import math
 import random
 import re
@@ -26,21 +27,30 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.core import numerics
-from pipeline.core.config import Recipe, SFTSourceCfg, load_manifest
+from pipeline.core import ladder, numerics
+from pipeline.core.config import Recipe, SFTSourceCfg, load_manifest, recipe_path
 from pipeline.core.device import autocast as device_autocast
 from pipeline.core.device import resolve as resolve_device
-from pipeline.core.errors import CheckpointError, PipelineError, RecipeError, reading
+from pipeline.core.errors import CheckpointError, PipelineError, RecipeError, TrainingDiverged, reading
 from pipeline.core.io import atomic_dir, read_json, sha256_file, write_json
+from pipeline.core.order import PublishedOrder
+from pipeline.core.paths import OUT as STAGE_OUT, final_dir
 from pipeline.core.provenance import provenance
-from pipeline.core.integrity import seal, verify_model_dir
-from pipeline.sources import arithmetic
+from pipeline.core.integrity import confine, seal, verify_model_dir
+from pipeline.core.schedule import lambda_lr, lr_factor
+from pipeline.ingest import read_documents
+from pipeline.sources import arithmetic, decode_text, hub_or_local
+from pipeline.tokenize import split_documents
+from pipeline.tokenizer import IM_END
 
-PRETRAIN_DIR = Path("artifacts/pretrain/final")
-INGEST_DIR = Path("artifacts/ingest")
-BLEND_DIR, TOKENIZE_DIR = Path("artifacts/blend"), Path("artifacts/tokenize")
-OUT = Path("artifacts/posttrain")
+PRETRAIN_DIR = final_dir("pretrain")
+INGEST_DIR = STAGE_OUT["ingest"]
+BLEND_DIR, TOKENIZE_DIR = STAGE_OUT["blend"], STAGE_OUT["tokenize"]
+OUT = STAGE_OUT["posttrain"]
 IGNORE = -100  # label of tokens the loss does not cover
+# the gradient norm SFT and DPO clip to; a constant, not a recipe key: a new key would change every
+# recipe's hash (and so every stage output's provenance), and this must stay a pure refactor
+GRAD_CLIP = 1.0
 
 
 @dataclass
@@ -64,9 +74,6 @@ def _builtin_source(recipe: Recipe, builtin: str) -> str:
 
 def _training_docs(recipe: Recipe, builtin: str, ingest_dir: Path) -> list[str]:
     """Ingested documents of a builtin source, minus the tokenize stage's held-out documents."""
-    from pipeline.ingest import read_documents
-    from pipeline.tokenize import split_documents
-
     name = _builtin_source(recipe, builtin)
     if not (ingest_dir / name).is_dir():
         raise PipelineError(f"{ingest_dir / name}: not found; run the ingest stage first")
@@ -128,12 +135,8 @@ def messages_from_dataset(ds, field: str, where: str) -> list[list[dict]]:
 
 
 def _load_messages(src: SFTSourceCfg, allow_paths=(), rfile: str = "<recipe>") -> list[list[dict]]:
-    import glob
+    import datasets   # heavy; only for SFT sources read from files or the hub
 
-    import datasets
-
-    from pipeline.sources import decode_text, hub_or_local
-    from pipeline.core.integrity import confine
 
     if src.kind == "local":
         files = []
@@ -168,8 +171,6 @@ def sft_conversations(recipe: Recipe, ingest_dir: Path = INGEST_DIR) -> list[lis
             items = [chat(q, a) for q, a in docs_pairs(_training_docs(recipe, "python-docs", ingest_dir),
                                                       cfg.answer_max_chars)]
         else:
-            from pipeline.core.config import recipe_path
-
             items = _load_messages(src, recipe.allow_paths, recipe_path(recipe))
         random.Random(f"{posttrain_seed(recipe)}-sft-source-{i}").shuffle(items)
         convs += items[:src.max_examples]
@@ -184,7 +185,6 @@ def replay_examples(n: int, max_len: int, seed: int, blend_dir: Path = BLEND_DIR
     the sha256 of the blend.json they came from."""
     if n == 0:
         return [], None
-    from pipeline.core.order import PublishedOrder
 
     order = PublishedOrder(blend_dir, tokenize_dir)
     rows = random.Random(f"{seed}-replay").sample(range(len(order.indices)), min(n, len(order.indices)))
@@ -260,14 +260,6 @@ def token_logprobs(model, batch: dict, precision: str = "fp32") -> tuple[torch.T
 # --------------------------------------------------------------------------- training
 
 
-def _lr_lambda(warmup: int, total: int):
-    def f(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return f
-
-
 def _batches(n_items: int, batch_size: int, steps: int, seed: str):
     """Index batches for `steps` steps: seeded permutations of range(n_items), epoch after epoch."""
     rng, order = random.Random(seed), []
@@ -295,10 +287,6 @@ def length_groups(lengths: list[int], overhead: int = 256) -> list[list[int]]:
     return [order[:cut], order[cut:]] if cut else [order]
 
 
-class TrainingDiverged(PipelineError):
-    """A non-finite loss or weight: nothing is written, the previous output stays."""
-
-
 def check_finite(loss: float, model, phase: str, step: int) -> None:
     """Pretraining's guard for SFT and DPO: a NaN/inf loss, or a weight made NaN/inf by the update,
     stops the stage naming the step (before anything is written)."""
@@ -316,7 +304,7 @@ def sft(model, tok, examples: list[Example], cfg, seed: int, on_step=None) -> li
     `on_step(n, model)` after each update n (1-based)."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.steps))
+    sched = lambda_lr(opt, lambda step: lr_factor(step, cfg.steps, cfg.warmup_steps))   # cosine to 0 after warm-up
     model.train()
     losses = []
     for idx in tqdm(_batches(len(examples), cfg.batch_size, cfg.steps, f"{seed}-sft-order"),
@@ -333,7 +321,7 @@ def sft(model, tok, examples: list[Example], cfg, seed: int, on_step=None) -> li
             total += part.item()
         loss = torch.tensor(total)
         check_finite(loss.item(), model, "sft", len(losses))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -382,7 +370,7 @@ def dpo(model, tok, pairs, cfg, max_len: int, seed: int, precision: str = "fp32"
         loss = -F.logsigmoid(margin).mean()
         check_finite(loss.item(), model, "dpo", len(log))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
         log.append({"loss": loss.item(), "reward_accuracy": (margin > 0).float().mean().item()})
@@ -436,7 +424,7 @@ def heldout_arithmetic(recipe: Recipe, n: int):
 
 
 def load_model(model_dir: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer   # heavy; only when the stage runs
 
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise CheckpointError(f"{model_dir}: no config.json + model.safetensors; run the pretrain stage first")
@@ -513,8 +501,6 @@ def write_rungs(model, tok, first: dict, root: Path, pretrain_dir: Path, parent:
     """Post-training's first and last step as ladder rungs (pipeline/core/ladder.py), numbered on from the
     last pretraining step, so the chain of rungs runs on from the pretrained weights (`parent`) to the
     released model; rows_consumed / tokens_seen stay those of pretraining (the published order)."""
-    from pipeline.core import ladder
-
     pre = _maybe_json(pretrain_dir / "lineage.json") or {}
     if "step" not in pre:   # a pretrain output without its step: no ladder to continue
         write_json(root / "ladder.json", {"rungs": []})
@@ -535,8 +521,6 @@ def write_rungs(model, tok, first: dict, root: Path, pretrain_dir: Path, parent:
 def chat_ready(model, tok) -> None:
     """A chat model people can use as is: generation stops at the end of the assistant turn
     (<|im_end|>, and <|endoftext|> still), and the tokenizer's limit is the model's positions."""
-    from pipeline.tokenizer import IM_END
-
     im_end = tok.convert_tokens_to_ids(IM_END)
     if im_end is None or im_end == tok.unk_token_id:
         raise CheckpointError(f"tokenizer has no {IM_END} token: the chat template cannot end a turn")

@@ -23,15 +23,17 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.core import ladder, leaderboard as lb
 from pipeline.core.config import Recipe, recipe_dict, recipe_path
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_dir, read_json, sha256_file, write_json
 from pipeline.core.provenance import chain_lineage, provenance
 from pipeline.core.log import status
+from pipeline.core.paths import ARTIFACTS, OUT as STAGE_OUT
 from pipeline.core.integrity import check_name, check_relpath, seal, tree_files, verify_file, verify_stage
 
-OUT = Path("artifacts/release")
-ART = Path("artifacts")
+OUT = STAGE_OUT["release"]
+ART = ARTIFACTS
 SKIP = {"lineage.json", "provenance.json", "rung.json"}
 
 
@@ -96,8 +98,6 @@ def _eval_rows(variant: str) -> tuple[list[dict], str | None]:
 def versus_base(variant: str, base: str = "pretrain") -> list[dict]:
     """Per task both were scored on: the released variant against its base, with stderr and n, and
     whether it is better / worse beyond noise (the leaderboard's rule) or within it."""
-    from pipeline.core import leaderboard as lb
-
     res_dir = ART / "evaluate" / "results"
     files = {v: res_dir / f"{v}.json" for v in (base, variant)}
     if variant == base or not all(f.is_file() for f in files.values()):
@@ -259,8 +259,6 @@ def model_card(recipe: Recipe, lineage: dict, name: str, curves: bool = False) -
 def ladder_rungs(variant: str) -> list[tuple[dict, Path]]:
     """(rung record, folder) of every rung behind the released variant: pretraining's, then
     post-training's when the post-trained model is released."""
-    from pipeline.core import ladder
-
     out = []
     for stage in ("pretrain", "posttrain") if variant == "posttrain" else ("pretrain",):
         root = ART / stage / "ladder"
@@ -271,8 +269,6 @@ def ladder_rungs(variant: str) -> list[tuple[dict, Path]]:
 def ladder_lineage(recipe: Recipe, rel: Path, rungs: list[tuple[dict, Path]]) -> dict:
     """lineage.json `ladder`: per rung its step, tokens seen, rows of the published order consumed,
     parent sha256 and the sha256 of each of its files as published (checkpoints/step-NNNNNNN/)."""
-    from pipeline.core import ladder
-
     summary = ART / "pretrain" / "ladder" / ladder.SUMMARY
     init = read_json(summary) if summary.is_file() else {}
     out = []

@@ -29,16 +29,17 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import tokenizer as tokmod
-from pipeline.core.config import Recipe, load_manifest
+from pipeline.core.config import Recipe, load_manifest, recipe_path
 from pipeline.core.errors import RecipeError
-from pipeline.core.executor import make_executor
+from pipeline.core.executor import LocalExecutor, make_executor
 from pipeline.ingest import OUT as INGEST_DIR, read_documents
 from pipeline.core.io import atomic_dir, sha256_file, write_json
+from pipeline.core.paths import OUT as STAGE_OUT
 from pipeline.core.provenance import provenance
-from pipeline.core.integrity import seal
-from pipeline.core.ngrams import covered_by, eval_texts, item_ngrams
+from pipeline.core.integrity import seal, verify_stage
+from pipeline.core.ngrams import covered_by, eval_texts, item_ngrams, task_files
 
-OUT = Path("artifacts/tokenize")
+OUT = STAGE_OUT["tokenize"]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -136,8 +137,6 @@ def encode_to_npy(tok, docs: list[str], eos: int, dtype: np.dtype, path: Path, d
 
     With `banned` (sorted n-gram hashes), windows equal to one are cut out (see the module
     docstring); each piece counts as a document, and `cuts` receives what was removed."""
-    from pipeline.core.executor import LocalExecutor
-
     executor = executor or LocalExecutor()
     unit = batch_docs * UNIT_BATCHES
     # a Ray worker gets the tokenizer as JSON (shipped once); this process keeps its own object
@@ -169,9 +168,6 @@ def encode_to_npy(tok, docs: list[str], eos: int, dtype: np.dtype, path: Path, d
 
 def decontamination_set(recipe: Recipe, tok) -> tuple[np.ndarray | None, dict]:
     """The banned n-gram hashes (None when off) and what they were built from, for tokenize.json."""
-    from pipeline.core.config import recipe_path
-    from pipeline.core.ngrams import task_files
-
     cfg = recipe.tokenize
     if cfg.decontaminate_tasks is None:
         return None, {"enabled": False}
@@ -193,7 +189,6 @@ def run(recipe: Recipe, ingest_dir: Path = INGEST_DIR, tokenizer_dir: Path = tok
         out_dir: Path = OUT) -> dict:
     from tokenizers import Tokenizer
 
-    from pipeline.core.integrity import verify_stage
 
     verify_stage(ingest_dir)
     verify_stage(tokenizer_dir)

@@ -11,13 +11,15 @@ import random
 import shutil
 from pathlib import Path
 
-from pipeline.core.config import Recipe, load_manifest
+from pipeline.core.config import Recipe, load_manifest, recipe_path
+from pipeline.core.errors import reading
 from pipeline.ingest import OUT as INGEST_DIR, read_documents
 from pipeline.core.io import atomic_dir, read_json, sha256_file, write_json
+from pipeline.core.paths import OUT as STAGE_OUT
 from pipeline.core.provenance import provenance
-from pipeline.core.integrity import seal, verified, verify_stage
+from pipeline.core.integrity import confine, seal, verified, verify_stage
 
-OUT = Path("artifacts/tokenizer")
+OUT = STAGE_OUT["tokenizer"]
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -69,9 +71,6 @@ def save_hf_tokenizer(tok, out: Path) -> None:
 
 
 def run(recipe: Recipe, ingest_dir: Path = INGEST_DIR, out_dir: Path = OUT) -> dict:
-    from pipeline.core.config import recipe_path
-    from pipeline.core.integrity import confine
-
     cfg = recipe.tokenizer
     if not cfg.pretrained_dir:
         verify_stage(ingest_dir)
@@ -96,7 +95,6 @@ def run(recipe: Recipe, ingest_dir: Path = INGEST_DIR, out_dir: Path = OUT) -> d
 def _vocab_size(d: Path) -> int:
     from tokenizers import Tokenizer
 
-    from pipeline.core.errors import reading
 
     with reading(d / "tokenizer.json", "not a tokenizers file"):
         return Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size(with_added_tokens=True)

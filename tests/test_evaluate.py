@@ -236,7 +236,7 @@ def test_eval_data_regenerates_byte_identically(tmp_path):
 def test_bits_per_byte_stderr_is_the_ratio_estimator_stderr():
     import math
 
-    from pipeline.evaluate import ratio_stderr
+    from pipeline.evaluate.harness import ratio_stderr
 
     # equal byte counts: the ratio is a plain mean of per-item bits per byte, so its stderr is the mean's
     pairs = [(-10.0, 8), (-14.0, 8), (-9.0, 8), (-20.0, 8)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.integrity import check_relpath
 from pipeline.core.io import read_json
 
 
@@ -27,8 +28,6 @@ def _listing(release: Path) -> list[tuple[str, int]]:
 
 def branches(release: Path, lineage: dict) -> list[tuple[str, Path]]:
     """(hub branch, rung folder) of every rung the lineage lists, in step order."""
-    from pipeline.core.integrity import check_relpath
-
     out = []
     for r in (lineage.get("ladder") or {}).get("rungs") or []:
         path = check_relpath(r.get("path"), "lineage.json: ladder.rungs.path")

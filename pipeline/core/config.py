@@ -20,6 +20,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool,
                       field_validator, model_validator)
 
 from pipeline.core.errors import RecipeError
+from pipeline.core.integrity import confine
 from pipeline.core.io import canonical_json, sha256_bytes
 
 
@@ -638,8 +639,6 @@ def load_recipe(path: str | os.PathLike, overrides: dict | None = None, check_fi
         raise RecipeError(path, "", _format_errors(e)) from None
     object.__setattr__(recipe, "_path", str(path))
     if check_files:
-        from pipeline.core.integrity import confine
-
         for key, value in (("data.manifest", recipe.data.manifest),
                            ("tokenizer.pretrained_dir", recipe.tokenizer.pretrained_dir),
                            ("tokenize.decontaminate_tasks", recipe.tokenize.decontaminate_tasks),
@@ -662,6 +661,13 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         return Manifest.model_validate(data)
     except ValidationError as e:
         raise RecipeError(path, "", _format_errors(e)) from None
+
+
+def manifest_lock_path(manifest_path: str | os.PathLike) -> Path:
+    """The lock file of a data manifest: `<mix>.yaml` -> `<mix>.lock.json` beside it (what ingest
+    accepted; not pipeline/core/lock.py's lock of a stage output)."""
+    p = Path(manifest_path)
+    return p.with_name(p.stem + ".lock.json")
 
 
 def recipe_dict(recipe: Recipe) -> dict[str, Any]:

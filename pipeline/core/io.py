@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.core.errors import DataIntegrityError
+
 CHUNK_BYTES = 1 << 20
 
 
@@ -70,8 +72,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
     """Parsed JSON; a file that is not UTF-8 JSON is DataIntegrityError naming it (and the line)."""
-    from pipeline.core.errors import DataIntegrityError
-
     with open(path, "rb") as f:
         data = f.read()
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_bytes, atomic_write_text, read_json
 from pipeline.core.log import status
+from pipeline.core.paths import OUT
 
 BASELINE = "pretrain"
 Z = 1.96  # a delta is marked better/worse only beyond this many standard errors of the difference
@@ -253,7 +254,7 @@ def plot(results: dict, path: Path) -> list[str]:
     the figure's footnote) and unmeasured variants get no bar, so no panel is an empty row of zeros."""
     import io
 
-    import matplotlib
+    import matplotlib   # heavy; `omp leaderboard` and the release import this module without drawing
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -319,13 +320,13 @@ def dvc_experiments(cwd: Path = Path(".")) -> list[str]:
     return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
 
 
-def gather_experiments(cwd: Path = Path("."), path: str = "artifacts/evaluate/metrics.json") -> dict[str, dict]:
+def gather_experiments(cwd: Path = Path("."), path: str = (OUT["evaluate"] / "metrics.json").as_posix()) -> dict[str, dict]:
     """The workspace's, the baseline commit's and each DVC experiment's evaluate metrics, as
     results-like dicts named `<rev>/<variant>`: `workspace` is what `make repro` / `dvc repro` just
     wrote (read from disk), `HEAD` what the commit's dvc.lock points to, then every `dvc exp`.
     Revisions without the file are skipped with a note on stderr.
     """
-    import dvc.api
+    import dvc.api   # heavy; only `omp leaderboard --experiments` reads DVC experiments
 
     def as_results(metrics: dict, rev: str) -> None:
         for variant, tasks in metrics.items():

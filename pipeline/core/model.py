@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from pipeline.core.config import ModelCfg
+from pipeline.core.integrity import verified, verify_stage
+from pipeline.core.io import read_json
 
 
 def llama_config(cfg: ModelCfg, vocab_size: int, context_length: int, special_ids: dict[str, int | None]):
@@ -47,8 +49,6 @@ def special_ids(tokenizer_dir: Path) -> dict[str, int | None]:
     """bos/eos/pad ids as tokenizer_config.json declares them (the tokenizer stage writes them)."""
     from tokenizers import Tokenizer
 
-    from pipeline.core.io import read_json
-    from pipeline.core.integrity import verify_stage
 
     verify_stage(tokenizer_dir)  # the tokenizer files are the ones the tokenizer stage recorded
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
@@ -66,7 +66,6 @@ def special_ids(tokenizer_dir: Path) -> dict[str, int | None]:
 def vocab_size(tokenizer_dir: Path) -> int:
     from tokenizers import Tokenizer
 
-    from pipeline.core.integrity import verified
 
     return Tokenizer.from_file(str(verified(tokenizer_dir, "tokenizer.json"))).get_vocab_size(with_added_tokens=True)
 

@@ -12,6 +12,7 @@ import numpy as np
 from pipeline.core.errors import DataIntegrityError
 from pipeline.core.io import read_json
 from pipeline.core.integrity import check_name, check_relpath, verify_file, verify_stage
+from pipeline.core.paths import OUT
 
 
 class PublishedOrder:
@@ -21,8 +22,8 @@ class PublishedOrder:
     and raises DataIntegrityError naming the file that differs.
     """
 
-    def __init__(self, blend_dir: str | Path = "artifacts/blend",
-                 tokenize_dir: str | Path = "artifacts/tokenize", verify: bool = True):
+    def __init__(self, blend_dir: str | Path = OUT["blend"],
+                 tokenize_dir: str | Path = OUT["tokenize"], verify: bool = True):
         self.blend_dir, self.tokenize_dir = Path(blend_dir), Path(tokenize_dir)
         meta_path = self.blend_dir / "blend.json"
         if not meta_path.is_file():

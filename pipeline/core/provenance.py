@@ -8,8 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 import pipeline
-from pipeline.core.config import Recipe, config_sha256, recipe_dict, recipe_path, recipe_sha256, recipe_subset
+from pipeline.core.config import (Recipe, config_sha256, manifest_lock_path, recipe_dict, recipe_path, recipe_sha256,
+                                  recipe_subset)
+from pipeline.core.io import read_json, sha256_file
+from pipeline.core.numerics import in_force
+from pipeline.core.paths import ARTIFACTS
 
 
 # paths no stage reads (dvc.yaml lists what each one does): changes to them move neither the lineage's
@@ -70,8 +76,6 @@ def provenance(stage: str, recipe: Recipe, inputs: dict[str, str] | None = None,
     if keys is not None and "platform" in keys and "numerics" not in extra:
         # the stages that compute with torch record the numerics in force (pipeline/core/numerics.py):
         # machine-independent under portable, the CPU's own choices under native
-        from pipeline.core.numerics import in_force
-
         extra["numerics"] = in_force()
     scope = {"config_keys": keys, "config": recipe_subset(recipe, keys), "config_sha256": config_sha256(recipe, keys)} \
         if keys is not None else {"config_keys": None, "config": recipe_dict(recipe), "recipe_sha256": recipe_sha256(recipe)}
@@ -112,8 +116,6 @@ def installed_versions(names) -> dict[str, str | None]:
 def environment(lock: Path = LOCK_FILE) -> dict:
     """The lock's sha256 and the installed version of each package it pins (and torch): equal on
     every machine set up from the lock, so it can sit in the published lineage."""
-    from pipeline.core.io import sha256_file
-
     pins = locked_packages(lock)
     return {"lock_file": lock.as_posix(), "lock_sha256": sha256_file(lock) if lock.is_file() else None,
             "packages": installed_versions({*pins, "torch"})}
@@ -121,8 +123,6 @@ def environment(lock: Path = LOCK_FILE) -> dict:
 
 def _stage_numerics(artifacts: Path) -> dict:
     """The numerics each torch stage recorded in its provenance.json (pipeline/core/numerics.py)."""
-    from pipeline.core.io import read_json
-
     out = {}
     for stage in ("pretrain", "posttrain", "quantize", "evaluate"):
         p = Path(artifacts) / stage / "provenance.json"
@@ -132,15 +132,11 @@ def _stage_numerics(artifacts: Path) -> dict:
 
 
 def _file_entry(path: Path) -> dict:
-    from pipeline.core.io import sha256_file
-
     return {"path": path.as_posix(), "sha256": sha256_file(path), "text": path.read_text(encoding="utf-8")}
 
 
 def dvc_lock_stages(path: Path = Path("dvc.lock")) -> dict:
     """Stage → {cmd, deps, params, outs} with their hashes, from dvc.lock (empty if not run by DVC)."""
-    import yaml
-
     if not path.is_file():
         return {}
     return (yaml.safe_load(path.read_text()) or {}).get("stages", {})
@@ -148,25 +144,20 @@ def dvc_lock_stages(path: Path = Path("dvc.lock")) -> dict:
 
 def _decontamination(artifacts: Path) -> dict:
     """tokenize.json's record of the eval files training was decontaminated against."""
-    from pipeline.core.io import read_json
-
     p = Path(artifacts) / "tokenize" / "tokenize.json"
     return (read_json(p).get("decontamination") if p.is_file() else None) or {"enabled": False}
 
 
-def chain_lineage(recipe: Recipe, artifacts: Path = Path("artifacts")) -> dict:
+def chain_lineage(recipe: Recipe, artifacts: Path = ARTIFACTS) -> dict:
     """The whole experiment chain of a run: code, recipe, data manifests and locks (text + sha256),
     dvc.lock stage hashes, the published order's hashes and every checkpoint's sha256 and parent.
 
     Holds no environment, host name or token: it is published as is.
     """
-    from pipeline.ingest import lock_path
-    from pipeline.core.io import read_json, sha256_file
-
     manifest = Path(recipe.data.manifest)
     manifests = [_file_entry(manifest)]
-    if lock_path(manifest).is_file():
-        manifests.append(_file_entry(lock_path(manifest)))
+    if manifest_lock_path(manifest).is_file():
+        manifests.append(_file_entry(manifest_lock_path(manifest)))
     blend = read_json(artifacts / "blend" / "blend.json")
     checkpoints = []
     pre = artifacts / "pretrain" / "final" / "model.safetensors"
@@ -191,7 +182,7 @@ def chain_lineage(recipe: Recipe, artifacts: Path = Path("artifacts")) -> dict:
                 checkpoints.append({"stage": "quantize", "name": v["name"], "format": v.get("format"),
                                     "sha256": sha256_file(files[0]), "file": files[0].name,
                                     "parent": post_sha or pre_sha})
-    import torch
+    import torch   # its version only; the data stages import this module and must not load torch
 
     return {
         "format": 1,

@@ -18,27 +18,28 @@ Output `artifacts/evaluate/`:
 from __future__ import annotations
 
 import functools
-import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core import numerics
-from pipeline.core.config import Recipe
+from pipeline.core import leaderboard, numerics
+from pipeline.core.config import Recipe, recipe_path
 from pipeline.core.errors import PipelineError, RecipeError
 from pipeline.core.io import atomic_dir, canonical_json, read_json, sha256_bytes, sha256_tree, write_json
+from pipeline.core.paths import ARTIFACTS, OUT as STAGE_OUT
 from pipeline.core.provenance import provenance
 from pipeline.core.log import status
 from pipeline.core.integrity import check_relpath, seal, verify_model_dir, verify_stage
+from pipeline.evaluate import arena, contamination, curves
+from pipeline.evaluate.gguf_server import gguf_tasks, served, usable_python
+from pipeline.evaluate.harness import Variant, add_bits_per_byte_stderr, item_scores, jsonable, load_lm
 
-OUT = Path("artifacts/evaluate")
+OUT = STAGE_OUT["evaluate"]
 # lm-eval result keys that change from run to run, commit to commit or boot to boot (pretty_env_info
 # holds lscpu's BogoMIPS) without the scores changing
 VOLATILE = ("date", "start_time", "end_time", "total_evaluation_time_seconds", "git_hash", "upper_git_hash",
             "pretty_env_info")
-ARTIFACTS = Path("artifacts")
 BASELINE = "pretrain"
 
 
@@ -50,7 +51,7 @@ def speed_up_lm_eval() -> None:
     - every prompt renders its task's Jinja template from source (`Environment.from_string`: 6,500
       compilations per stage); compiled templates are kept per template string.
     Results are identical (same strings, same rendered prompts); idempotent."""
-    import lm_eval.utils
+    import lm_eval.utils   # lm_eval: heavy, loaded by the stage's run only (as below)
     import torch.utils.collect_env as collect_env
 
     if not getattr(collect_env.get_pretty_env_info, "_omp_cached", False):
@@ -65,14 +66,6 @@ def speed_up_lm_eval() -> None:
 
         apply_template._omp_cached = True
         lm_eval.utils.apply_template = apply_template
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    path: Path
-    format: str = "hf"      # "hf" (a transformers directory) or "gguf" (one file)
-    chat: bool = False      # post-trained: also run the chat tasks with the chat template
 
 
 def discover_variants(artifacts: Path = ARTIFACTS) -> list[Variant]:
@@ -129,7 +122,7 @@ def offline() -> str | None:
 
 
 def task_manager(include_path: Path, defaults: bool):
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager   # lm_eval: heavy, loaded by the stage's run only
 
     return TaskManager(include_path=str(include_path), include_defaults=defaults)
 
@@ -139,79 +132,6 @@ def check_tasks(tm, names: list[str], recipe_file: str, key: str) -> None:
     if unknown:
         raise RecipeError(recipe_file, key, f"unknown lm-eval task(s) {', '.join(unknown)} "
                                             f"(not in {tm.include_path or 'the built-in tasks'})")
-
-
-def load_lm(variant: Variant, batch_size: int, device: str = "cpu", precision: str = "fp32"):
-    """An in-memory HFLM, so lm-eval does not reload the model per call. lm-eval takes an
-    instantiated model's own device, so the model is moved there first; precision bf16 casts the
-    weights (lm-eval's loop has no autocast)."""
-    import torch
-
-    from pipeline.core.device import resolve, use_bf16
-
-    from lm_eval.models.huggingface import HFLM
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(variant.path), trust_remote_code=False)
-        tok = AutoTokenizer.from_pretrained(str(variant.path), trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise PipelineError(f"{variant.path}: cannot load variant {variant.name}: {e}") from None
-    dev = resolve(device, key="evaluate.device")
-    model.to(dev, dtype=torch.bfloat16 if use_bf16(dev, precision) else None).eval()
-    return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=str(dev))
-
-
-def item_score(sample: dict) -> float | None:
-    """One number per item, higher is better: accuracy / exact match, or log-likelihood per byte."""
-    for metric in ("acc", "exact_match"):
-        if metric in sample:
-            return float(sample[metric])
-    if "bits_per_byte" in sample:
-        ll, n_bytes = sample["bits_per_byte"]
-        return float(ll) / max(int(n_bytes), 1)
-    return None
-
-
-def item_scores(samples: dict) -> dict[str, dict[str, float]]:
-    out = {}
-    for task, rows in samples.items():
-        scores = {str(r["doc_id"]): item_score(r) for r in rows}
-        out[task] = {k: v for k, v in sorted(scores.items(), key=lambda kv: int(kv[0])) if v is not None}
-    return out
-
-
-def ratio_stderr(pairs: list[tuple[float, float]]) -> float | None:
-    """Standard error of bits per byte, -sum(ll) / sum(bytes) / ln 2, over items (ll_i, bytes_i):
-    the delta method for a ratio of sums, sqrt(sum((x_i - R y_i)^2) / (n (n-1))) / mean(y)."""
-    import math
-
-    n = len(pairs)
-    if n < 2:
-        return None
-    xs = [-ll / math.log(2) for ll, _ in pairs]
-    ys = [float(b) for _, b in pairs]
-    r = sum(xs) / sum(ys)
-    s2 = sum((x - r * y) ** 2 for x, y in zip(xs, ys)) / (n - 1)
-    return math.sqrt(s2 / n) / (sum(ys) / n)
-
-
-def add_bits_per_byte_stderr(result: dict, samples: dict) -> None:
-    """lm-eval reports no stderr for bits_per_byte ("N/A"): compute it from the per-document samples."""
-    for task, rows in samples.items():
-        tr = (result.get("results") or {}).get(task)
-        if tr is None or "bits_per_byte,none" not in tr:
-            continue
-        pairs = [tuple(r["bits_per_byte"]) for r in rows if isinstance(r.get("bits_per_byte"), (list, tuple))]
-        se = ratio_stderr(pairs)
-        if se is not None:
-            tr["bits_per_byte_stderr,none"] = se
-
-
-def _jsonable(obj):
-    from lm_eval.utils import handle_non_serializable
-
-    return json.loads(json.dumps(obj, default=handle_non_serializable))
 
 
 def merge_results(a: dict | None, b: dict) -> dict:
@@ -228,7 +148,7 @@ def evaluate_variant(variant: Variant, cfg, tm, std_tm=None, seed: int = 0,
                      base_url: str | None = None) -> tuple[dict, dict, list[str]]:
     """lm-eval results (its own format + `omp`), per-item scores, and notes on what was skipped.
     `base_url`: the llama.cpp server serving a GGUF variant."""
-    from lm_eval import simple_evaluate
+    from lm_eval import simple_evaluate   # lm_eval: heavy, loaded by the stage's run only
 
     notes: list[str] = []
     start = time.perf_counter()
@@ -237,8 +157,6 @@ def evaluate_variant(variant: Variant, cfg, tm, std_tm=None, seed: int = 0,
         if not base_url:
             return {}, {}, [f"{variant.name}: GGUF {variant.path} skipped: lm-eval's gguf model needs a "
                             "llama.cpp server (set evaluate.gguf_server_python or evaluate.gguf_base_url)"]
-        from pipeline.evaluate.gguf_server import gguf_tasks
-
         tasks, rolling = gguf_tasks(tm, tasks)
         if rolling:
             notes.append(f"{variant.name}: {', '.join(rolling)} skipped: lm-eval's gguf model has no "
@@ -266,8 +184,8 @@ def evaluate_variant(variant: Variant, cfg, tm, std_tm=None, seed: int = 0,
             except Exception as e:  # noqa: BLE001 - any hub/network failure means: skip, say why
                 notes.append(f"{variant.name}: standard tasks skipped: {type(e).__name__}: {str(e)[:200]}")
     samples = result.pop("samples", {})
-    result = _jsonable(result)
-    add_bits_per_byte_stderr(result, _jsonable(samples))
+    result = jsonable(result)
+    add_bits_per_byte_stderr(result, jsonable(samples))
     # wall-clock and commit-specific fields go to artifacts/timings/evaluate.json, outside every DVC
     # output (DESIGN.md: timings apart): equal inputs give byte-equal results
     timing = {k: result.pop(k) for k in VOLATILE if k in result}
@@ -275,14 +193,11 @@ def evaluate_variant(variant: Variant, cfg, tm, std_tm=None, seed: int = 0,
     result["omp"] = {"variant": variant.name, "model_path": str(variant.path), "format": variant.format,
                      **model_sha256(variant.path), "limit": cfg.limit, "notes": notes}
     result["omp"]["timing"] = timing  # popped by run() into artifacts/timings/evaluate.json
-    return result, item_scores(_jsonable(samples)), notes
+    return result, item_scores(jsonable(samples)), notes
 
 
 def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dict:
     numerics.enter_recipe(recipe, "evaluate")   # checks the pins; the same threads in-process as under `omp`
-    from pipeline.core import leaderboard
-    from pipeline.core.config import recipe_path
-    from pipeline.evaluate import arena, contamination
 
     cfg, rfile = recipe.evaluate, recipe_path(recipe)
     include = Path(cfg.include_path)
@@ -313,8 +228,6 @@ def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dic
     results, scores, notes = {}, {}, []
     gguf_why = None
     if any(v.format == "gguf" for v in variants) and not cfg.gguf_base_url:
-        from pipeline.evaluate.gguf_server import usable_python
-
         gguf_why = usable_python(cfg.gguf_server_python)
     for v in variants:
         status(f"evaluate: {v.name} ({v.path})")
@@ -323,8 +236,6 @@ def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dic
                   "server: point it at a Python with llama-cpp-python[server], or set evaluate.gguf_base_url)"]
             res, sc = {}, {}
         elif v.format == "gguf" and not cfg.gguf_base_url:
-            from pipeline.evaluate.gguf_server import served
-
             with tempfile.TemporaryDirectory() as logs, \
                     served(cfg.gguf_server_python, v.path, Path(logs) / "server.log", threads=os.cpu_count() or 2) as url:
                 res, sc, nt = evaluate_variant(v, cfg, tm, std_tm, seed=recipe.seed, base_url=url)
@@ -335,8 +246,6 @@ def run(recipe: Recipe, artifacts: Path = ARTIFACTS, out_dir: Path = OUT) -> dic
             status(f"evaluate: {n}")
         if res:
             results[v.name], scores[v.name] = res, sc
-
-    from pipeline.evaluate import curves
 
     ladder_rows = curves.score(recipe, tm, curves.rungs(artifacts)) if cfg.ladder.tasks else []
     timings = {name: res["omp"].pop("timing", {}) for name, res in results.items()}

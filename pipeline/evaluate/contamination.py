@@ -17,6 +17,7 @@ from tqdm import tqdm
 from pipeline.core.order import PublishedOrder
 from pipeline.core.io import read_json
 from pipeline.core.ngrams import item_ngrams, item_text, ngram_hashes, read_rows, seen_any, task_files
+from pipeline.tokenizer import load
 
 
 def training_ngrams(order: PublishedOrder, n: int, steps: int | None = None) -> np.ndarray:
@@ -31,8 +32,6 @@ def training_ngrams(order: PublishedOrder, n: int, steps: int | None = None) -> 
 
 
 def report(artifacts: Path, data_dir: Path, n: int, tasks_dir: Path = Path("evals/tasks")) -> dict:
-    from pipeline.tokenizer import load
-
     blend, tokenize = artifacts / "blend", artifacts / "tokenize"
     if not (blend / "blend.json").is_file():
         return {"skipped": f"{blend}/blend.json not found: no published training order to check against"}

@@ -14,14 +14,15 @@ import csv
 import io
 from pathlib import Path
 
+from pipeline.core import ladder, leaderboard
+from pipeline.core.integrity import verify_stage
+from pipeline.core.io import atomic_write_text, write_json
 from pipeline.core.log import status
+from pipeline.evaluate.harness import Variant, add_bits_per_byte_stderr, jsonable, load_lm
 
 
 def rungs(artifacts: Path) -> list[tuple[dict, Path]]:
     """(rung record, folder) of pretraining's and post-training's rungs, each stage's files verified."""
-    from pipeline.core import ladder
-    from pipeline.core.integrity import verify_stage
-
     out = []
     for stage in ("pretrain", "posttrain"):
         root = artifacts / stage / "ladder"
@@ -34,10 +35,7 @@ def rungs(artifacts: Path) -> list[tuple[dict, Path]]:
 
 def score(recipe, tm, found: list[tuple[dict, Path]]) -> list[dict]:
     """One row per rung and task: the task's primary metric (leaderboard.PRIMARY) with its stderr."""
-    from lm_eval import simple_evaluate
-
-    from pipeline.core import leaderboard
-    from pipeline.evaluate import Variant, _jsonable, add_bits_per_byte_stderr, load_lm
+    from lm_eval import simple_evaluate   # lm_eval: heavy, loaded only when rungs are scored
 
     cfg, seed = recipe.evaluate, recipe.seed
     rows = []
@@ -47,8 +45,8 @@ def score(recipe, tm, found: list[tuple[dict, Path]]) -> list[dict]:
         res = simple_evaluate(model=lm, tasks=list(cfg.ladder.tasks), task_manager=tm, limit=cfg.ladder.limit,
                               log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                               fewshot_random_seed=seed, bootstrap_iters=100)
-        samples = _jsonable(res.pop("samples", {}))
-        res = _jsonable(res)
+        samples = jsonable(res.pop("samples", {}))
+        res = jsonable(res)
         add_bits_per_byte_stderr(res, samples)
         tasks, cells = leaderboard.table({"rung": res})
         for task in tasks:
@@ -75,7 +73,7 @@ def csv_text(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    import matplotlib   # heavy; only when there is a curve to draw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -102,8 +100,6 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write(out: Path, rows: list[dict]) -> None:
-    from pipeline.core.io import atomic_write_text, write_json
-
     write_json(out / "ladder.json", rows)
     atomic_write_text(out / "ladder.csv", csv_text(rows))
     if rows:

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.ngrams import load_task_yaml
 
 ROLLING = "loglikelihood_rolling"
 
@@ -45,8 +46,6 @@ def usable_python(python: str | None) -> str | None:
 
 def task_output_types(tm, names: list[str]) -> dict[str, str]:
     """lm-eval task name -> its output_type, read from the task YAMLs the task manager indexed."""
-    from pipeline.core.ngrams import load_task_yaml
-
     out = {}
     for name in names:
         path = getattr(tm.task_index.get(name), "yaml_path", None)

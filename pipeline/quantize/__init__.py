@@ -23,9 +23,11 @@ from tqdm import tqdm
 
 from pipeline.core import numerics
 from pipeline.core.config import Recipe
-from pipeline.core.device import resolve as resolve_device
+from pipeline.core.device import autocast, resolve as resolve_device
 from pipeline.core.errors import CheckpointError, DataIntegrityError
 from pipeline.core.io import atomic_dir, atomic_write_text, sha256_file, write_json
+from pipeline.core.order import PublishedOrder
+from pipeline.core.paths import OUT as STAGE_OUT, final_dir
 from pipeline.core.provenance import provenance
 from pipeline.core.integrity import seal, verify_model_dir
 from pipeline.quantize.compressed import save_quantized
@@ -33,10 +35,10 @@ from pipeline.quantize.gguf_export import export_gguf, load_into
 from pipeline.quantize.gptq import HessianHook, quantize_gptq
 from pipeline.quantize.rtn import dequantize, effective_group, quantize_rtn
 
-MODEL_DIR = Path("artifacts/posttrain/final")
-BLEND_DIR = Path("artifacts/blend")
-TOKENIZE_DIR = Path("artifacts/tokenize")
-OUT = Path("artifacts/quantize")
+MODEL_DIR = final_dir("posttrain")
+BLEND_DIR = STAGE_OUT["blend"]
+TOKENIZE_DIR = STAGE_OUT["tokenize"]
+OUT = STAGE_OUT["quantize"]
 
 
 # --------------------------------------------------------------------------- held-out windows
@@ -49,8 +51,6 @@ def heldout_windows(blend_dir: Path, tokenize_dir: Path, seq_len: int, n_eval: i
     cover the mixture); even positions go to evaluation, odd ones to calibration: never the same
     tokens in both.
     """
-    from pipeline.core.order import PublishedOrder
-
     order = PublishedOrder(blend_dir, tokenize_dir)
     per_source = []
     for name in order.names:
@@ -73,8 +73,6 @@ def _interleave(lists):
 def perplexity(model, windows: np.ndarray, batch_size: int = 8, device: torch.device | None = None,
                precision: str = "fp32") -> float:
     """exp(mean next-token NLL) over every predicted token of the windows (on `device`, if given)."""
-    from pipeline.core.device import autocast
-
     model = model.to(device) if device is not None else model
     dev = next(model.parameters()).device
     total, count = 0.0, 0

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.tokenizer import IM_END
+
 FILE_TYPES = {"F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0"}
 
 
@@ -95,7 +97,6 @@ def _add_tokenizer(writer, tokenizer_dir: Path) -> None:
         if isinstance(cfg.get(field), str) and cfg[field] in vocab:
             add(vocab[cfg[field]])
     # the end of a chat turn: llama.cpp stops generation there (it would otherwise guess from the text)
-    from pipeline.tokenizer import IM_END
 
     if IM_END in vocab:
         writer.add_eot_token_id(vocab[IM_END])

@@ -8,19 +8,20 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.core.config import BuiltinSource, HFSource, LocalSource
-from pipeline.core.errors import RecipeError
+from pipeline.core.errors import RecipeError, reading
+from pipeline.core.integrity import check_hub_id, confine
+from pipeline.sources.arithmetic import training_documents
+from pipeline.sources.filters import filter_unit, finish
+from pipeline.sources.python_stdlib import python_code, python_docs
 
 
 def iter_documents(source, manifest_path: str = "<manifest>", allow_paths=()) -> Iterator[str]:
     """Raw documents of one source, before filters and limits, in a deterministic order."""
     if isinstance(source, BuiltinSource):
         if source.builtin == "python-docs":
-            from pipeline.sources.python_stdlib import python_docs
             return iter(python_docs())
         if source.builtin == "python-code":
-            from pipeline.sources.python_stdlib import python_code
             return iter(python_code())
-        from pipeline.sources.arithmetic import training_documents
         return iter(training_documents(source.arithmetic, seed=source.seed))
     if isinstance(source, HFSource):
         return _hf_documents(source, manifest_path, allow_paths)
@@ -31,8 +32,6 @@ def iter_documents(source, manifest_path: str = "<manifest>", allow_paths=()) ->
 
 def hub_or_local(repo_id: str, what: str, allow_paths=()) -> str:
     """A hub id `org/name`, or an existing local directory in hub layout confined to the project."""
-    from pipeline.core.integrity import check_hub_id, confine
-
     if Path(repo_id).exists():
         confine(repo_id, what, allow_paths)
         return repo_id
@@ -46,7 +45,6 @@ def _hf_documents(source: HFSource, manifest_path: str, allow_paths=()) -> Itera
 
     hub_or_local(source.repo_id, f"{manifest_path}: sources.{source.name}.repo_id", allow_paths)
 
-    from pipeline.core.errors import reading
 
     with reading(f"{manifest_path}: sources.{source.name}.repo_id {source.repo_id}@{source.revision}",
                  "cannot load"):  # unreachable hub, unknown revision, unreadable files: one line
@@ -76,8 +74,6 @@ def decode_text(data: bytes, file) -> str:
 
 
 def _local_documents(source: LocalSource, manifest_path: str, allow_paths=()) -> Iterator[str]:
-    from pipeline.core.integrity import confine
-
     key = f"sources.{source.name}.paths"
     files: list[str] = []
     for pattern in source.paths:
@@ -111,6 +107,4 @@ def _local_documents(source: LocalSource, manifest_path: str, allow_paths=()) ->
 def select_documents(source, docs: Iterator[str]) -> list[str]:
     """Apply filters, dedup, the seeded order and the max_docs / max_bytes limits (in one process;
     ingest runs the same steps unit by unit, see pipeline/sources/filters.py)."""
-    from pipeline.sources.filters import filter_unit, finish
-
     return finish(source, [filter_unit(source.filters, list(docs))])[0]

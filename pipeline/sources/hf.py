@@ -11,7 +11,8 @@ which is how it is tested offline; on a Ray cluster such a directory must be on 
 from __future__ import annotations
 
 from pipeline.core.config import HFSource
-from pipeline.core.errors import RecipeError
+from pipeline.core.errors import RecipeError, reading
+from pipeline.sources import hub_or_local
 
 
 def hf_shards(source: HFSource, manifest_path: str, allow_paths=()) -> list:
@@ -19,8 +20,6 @@ def hf_shards(source: HFSource, manifest_path: str, allow_paths=()) -> list:
     `repo_id` is a hub id `org/name`, or a local directory inside the project (or allow_paths)."""
     import datasets
 
-    from pipeline.core.errors import reading
-    from pipeline.sources import hub_or_local
 
     hub_or_local(source.repo_id, f"{manifest_path}: sources.{source.name}.repo_id", allow_paths)
     with reading(f"{manifest_path}: sources.{source.name}.repo_id {source.repo_id}@{source.revision}",
