@@ -25,12 +25,13 @@ def module_file(name: str) -> Path | None:
     return None
 
 
-def imports_of(path: Path, name: str) -> set[str]:
-    """Every `pipeline...` module `path` imports anywhere in it (lazy imports included)."""
+def imports_of(path: Path, name: str, top_only: bool = False) -> set[str]:
+    """Every `pipeline...` module `path` imports anywhere in it (lazy imports included), or with
+    `top_only` the ones it imports at module level."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
-    for node in ast.walk(tree):
+    for node in (tree.body if top_only else ast.walk(tree)):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.split(".")[0] == "pipeline"}
         elif isinstance(node, ast.ImportFrom):
@@ -64,9 +65,10 @@ def closure(module: str) -> set[Path]:
 STAGE_MODULES = {"ingest": "pipeline.ingest", "tokenizer": "pipeline.tokenizer", "tokenize": "pipeline.tokenize",
                  "blend": "pipeline.blend", "pretrain": "pipeline.pretrain", "posttrain": "pipeline.posttrain",
                  "quantize": "pipeline.quantize", "evaluate": "pipeline.evaluate", "release": "pipeline.release"}
-# what every `omp <stage>` process runs besides the stage's own module: the command line (its own
-# imports, not the other stages it imports lazily) and, for pretrain, the workers' entry point
-CLI_OWN = ("pipeline.core.errors", "pipeline.core.log", "pipeline.core.lock", "pipeline.core.config", "pipeline.core.numerics")
+# what every `omp <stage>` process runs besides the stage's own module: the command line (its
+# module-level imports, not the other stages it imports per command) and, for pretrain, the
+# workers' entry point
+CLI_OWN = tuple(sorted(imports_of(PKG / "cli.py", "pipeline.cli", top_only=True)))
 
 
 def stage_code(stage: str) -> set[Path]:
