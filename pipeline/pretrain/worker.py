@@ -36,10 +36,10 @@ def main(argv=None) -> int:
             write_json(Path(a.out) / EXIT_FILE, {"message": str(e)})
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # torch loads only now, after the numerics profile is in force (pipeline/core/numerics.py)
+    # torch (and so the trainer) loads only now, after the numerics profile is in force (core/numerics.py)
     import torch.distributed as dist
 
-    from pipeline.pretrain.trainer import train
+    from pipeline.pretrain.trainer import train  # torch: only after the profile is in force (above)
 
     dirs = DataDirs(Path(a.blend_dir), Path(a.tokenize_dir), Path(a.tokenizer_dir))
     replica = (a.replica_id, a.lighthouse) if a.replica_id is not None else None
