@@ -10,9 +10,6 @@ from pipeline.core.io import atomic_dir, sha256_file, write_json
 from pipeline.core.provenance import provenance
 from pipeline.core.integrity import seal
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
 def write_final(model, out: Path, tokenizer_dir: Path, lineage: dict) -> Path:
     """artifacts/pretrain/final: config.json, model.safetensors, generation_config.json, tokenizer files."""
     final = out / "final"
