@@ -7,8 +7,9 @@ from pathlib import Path
 from pipeline.core import ladder
 from pipeline.core.config import Recipe
 from pipeline.core.io import atomic_dir, sha256_file, write_json
-from pipeline.core.provenance import provenance
 from pipeline.core.integrity import seal
+from pipeline.core.provenance import provenance
+
 
 def write_final(model, out: Path, tokenizer_dir: Path, lineage: dict) -> Path:
     """artifacts/pretrain/final: config.json, model.safetensors, generation_config.json, tokenizer files."""
