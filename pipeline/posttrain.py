@@ -137,7 +137,6 @@ def messages_from_dataset(ds, field: str, where: str) -> list[list[dict]]:
 def _load_messages(src: SFTSourceCfg, allow_paths=(), rfile: str = "<recipe>") -> list[list[dict]]:
     import datasets   # heavy; only for SFT sources read from files or the hub
 
-
     if src.kind == "local":
         files = []
         for p in src.paths:
