@@ -115,3 +115,21 @@ def test_shipped_recipes_validate():
             load_recipe(path.relative_to(REPO))
         finally:
             os.chdir(cwd)
+
+
+def test_engine_and_mode_rules_are_checked_when_the_recipe_loads():
+    """Every engine/mode rule lives in the recipe models: a bad pairing fails at load, naming the key."""
+    from pydantic import ValidationError
+
+    from pipeline.core.config import Recipe
+
+    def load(pretrain):
+        return Recipe.model_validate({"name": "t", "pretrain": pretrain})
+
+    with pytest.raises(ValidationError, match="engine deepspeed trains data parallel only"):
+        load({"distributed": {"engine": "deepspeed", "mode": "diloco"}})
+    with pytest.raises(ValidationError, match="compile: not supported with engine deepspeed"):
+        load({"compile": True, "distributed": {"engine": "deepspeed"}})
+    with pytest.raises(ValidationError, match="engine torchft trains DiLoCo rounds"):
+        load({"distributed": {"engine": "torchft", "mode": "ddp"}})
+    assert load({"distributed": {"engine": "deepspeed", "zero_stage": 3}}).pretrain.distributed.zero_stage == 3

@@ -318,6 +318,9 @@ class DistributedCfg(Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        # what each engine trains (every engine/mode rule is here, checked when the recipe loads)
+        if self.engine == "deepspeed" and self.mode != "ddp":
+            raise ValueError(f"engine deepspeed trains data parallel only (mode ddp), not {self.mode!r}")
         if self.engine == "torchft" and self.mode != "diloco":
             raise ValueError(f"engine torchft trains DiLoCo rounds: mode must be diloco, not {self.mode!r}")
         if self.engine == "torchft" and self.nodes.nnodes > 1:
@@ -502,6 +505,12 @@ class PretrainCfg(Strict):
                                            # or cores // world_size under platform.numerics native)
     distributed: DistributedCfg = DistributedCfg()
     ladder: LadderCfg = LadderCfg()
+
+    @model_validator(mode="after")
+    def _engine_supports(self):
+        if self.compile and self.distributed.engine == "deepspeed":
+            raise ValueError("compile: not supported with engine deepspeed (DeepSpeed wraps the module itself)")
+        return self
 
 
 # --- release (pipeline/release.py)

@@ -245,13 +245,7 @@ class DeepSpeedEngine:
     def __init__(self, recipe: Recipe, model: torch.nn.Module, ctx, total: int, global_batch: int):
         import deepspeed  # only in a deepspeed run (see init_deepspeed)
 
-        cfg = recipe.pretrain
-        where = recipe_path(recipe)
-        if cfg.distributed.mode != "ddp":
-            raise RecipeError(where, "pretrain.distributed.mode",
-                              f"engine deepspeed trains data parallel only (mode ddp), not {cfg.distributed.mode!r}")
-        if cfg.compile:
-            raise RecipeError(where, "pretrain.compile", "not supported with engine deepspeed")
+        cfg = recipe.pretrain   # mode ddp, no compile: checked when the recipe loads (core/config.py)
         self.recipe, self.cfg, self.ctx = recipe, cfg, ctx
         self.module = model
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
