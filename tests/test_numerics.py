@@ -43,7 +43,7 @@ def python_env(code: str, env: dict) -> subprocess.CompletedProcess:
 
 
 def test_enter_pins_before_torch_and_records_what_is_in_force():
-    code = ("import json, sys; from pipeline import numerics; numerics.enter('portable', 1, 'test');"
+    code = ("import json, sys; from pipeline.core import numerics; numerics.enter('portable', 1, 'test');"
             "assert 'torch' not in sys.modules; import torch; print(json.dumps(numerics.in_force()))")
     proc = python_env(code, clean_env())
     assert proc.returncode == 0, proc.stderr
@@ -52,18 +52,18 @@ def test_enter_pins_before_torch_and_records_what_is_in_force():
     assert rec["pins"]["MKL_CBWR"] == "AVX2" and rec["torch"].startswith("2.13.0")
     # MKL's own report of its branch: AVX2 on Intel, AUTO where MKL refuses the AVX2 branch (other vendors)
     assert rec["mkl_cnr"] in ("AVX2", "AUTO")
-    native = python_env("import json; from pipeline import numerics; numerics.enter('native', 1, 't');"
+    native = python_env("import json; from pipeline.core import numerics; numerics.enter('native', 1, 't');"
                         "import torch; print(json.dumps(numerics.in_force()))", clean_env())
     assert native.returncode == 0, native.stderr
     assert json.loads(native.stdout.strip().splitlines()[-1])["mkl_cnr"] == "OFF"
 
 
 def test_enter_refuses_a_conflict_and_a_late_start():
-    conflict = python_env("from pipeline import numerics; numerics.enter('portable', 2, 'recipes/x.yaml')",
+    conflict = python_env("from pipeline.core import numerics; numerics.enter('portable', 2, 'recipes/x.yaml')",
                           clean_env(ATEN_CPU_CAPABILITY="default"))
     assert conflict.returncode != 0
     assert "recipes/x.yaml" in conflict.stderr and "ATEN_CPU_CAPABILITY=default" in conflict.stderr
-    late = python_env("import torch; from pipeline import numerics; numerics.enter('portable', 2, 'r.yaml')",
+    late = python_env("import torch; from pipeline.core import numerics; numerics.enter('portable', 2, 'r.yaml')",
                       clean_env())
     assert late.returncode != 0 and "torch was imported before" in late.stderr
 
