@@ -227,6 +227,19 @@ class OuterCompressionCfg(Strict):
             raise ValueError("topk_chunk needs topk_fraction (the fraction kept in each chunk)")
         return self
     error_feedback: StrictBool = True      # add the residual to the next pseudo-gradient
+    # SparseLoCo's recipe (Sarfi et al. 2025): the residual decays by this factor before the next
+    # pseudo-gradient is added (e <- decay * e + delta); and the mean of top-k messages divides each
+    # entry by the workers that sent it ("contributors"), not by all workers. Left out of the
+    # resolved recipe at their defaults (1.0, "workers": the plain method), so recipes keep their hash.
+    error_feedback_decay: Annotated[Float, Field(gt=0, le=1)] = Field(1.0, exclude_if=lambda v: v == 1.0)
+    mean_over: Literal["workers", "contributors"] = Field("workers", exclude_if=lambda v: v == "workers")
+
+    @model_validator(mode="after")
+    def _contributors_need_topk(self):
+        if self.mean_over == "contributors" and self.topk_fraction is None:
+            raise ValueError("mean_over: contributors needs topk_fraction (without top-k every worker "
+                             "sends every entry)")
+        return self
 
 
 class DiLoCoCfg(Strict):

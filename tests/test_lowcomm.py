@@ -287,3 +287,60 @@ def _run_twice_and_resume(comm, cfg):
     first = run_workers(comm, cfg, 20, 0.01, "adamw", None, 10)
     resumed = run_workers(comm, cfg, 20, 0.01, "adamw", first["state"])["weights"]
     return {"a": a, "b": b, "resumed": resumed}
+
+
+# ----------------------------------------------------------------------------- SparseLoCo's recipe (options)
+
+
+def test_sparseloco_options_default_off_and_out_of_the_resolved_recipe():
+    from pipeline.config import OuterCompressionCfg
+
+    c = OuterCompressionCfg()
+    assert (c.error_feedback_decay, c.mean_over) == (1.0, "workers")
+    # at their defaults the keys are not in the dump, so existing recipes keep their hash
+    assert "error_feedback_decay" not in c.model_dump() and "mean_over" not in c.model_dump()
+    on = OuterCompressionCfg(kind="int2", topk_fraction=0.1, error_feedback_decay=0.9, mean_over="contributors")
+    assert on.model_dump()["error_feedback_decay"] == 0.9 and on.model_dump()["mean_over"] == "contributors"
+    with pytest.raises(ValueError, match="contributors needs topk_fraction"):
+        OuterCompressionCfg(kind="sign", mean_over="contributors")
+    with pytest.raises(ValueError):
+        OuterCompressionCfg(error_feedback_decay=1.5)
+
+
+def test_error_feedback_decay_scales_the_residual_before_adding():
+    x1 = torch.tensor([4.0, 1.0, -2.0, 0.5])
+    x2 = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    plain, decayed = ErrorFeedback(4, True), ErrorFeedback(4, True, decay=0.5)
+    for ef in (plain, decayed):
+        ef.compress(x1, "none", 64, 0.25)            # keeps 4.0; residual [0, 1, -2, 0.5]
+    assert torch.equal(plain.residual, decayed.residual)
+    _, sent_plain = plain.compress(x2, "none", 64, 0.25)
+    _, sent_decayed = decayed.compress(x2, "none", 64, 0.25)
+    # plain: x2 + r = [0.1, 1.2, -1.7, 0.9] -> sends -1.7; decayed: x2 + r/2 = [0.1, 0.7, -0.7, 0.65]
+    # -> sends 0.7 (ties by position), and the new residual is target - sent
+    assert torch.equal(sent_plain, torch.tensor([0.0, 0.0, -1.7, 0.0]))
+    assert torch.allclose(sent_decayed, torch.tensor([0.0, 0.7, 0.0, 0.0]))
+    assert torch.allclose(decayed.residual, torch.tensor([0.1, 0.0, -0.7, 0.65]))
+
+
+def test_mean_over_contributors_divides_each_entry_by_the_workers_that_sent_it():
+    ranks = spawn(_contributor_means, 2)
+    for r in ranks:
+        # rank 0 keeps entries 0, 1; rank 1 keeps 1, 3 (top half of 4): entry 1 from both
+        assert torch.allclose(r["workers"], torch.tensor([5.0, 2.5, 0.0, -4.0]))
+        assert torch.allclose(r["contributors"], torch.tensor([10.0, 2.5, 0.0, -8.0]))
+    assert torch.equal(ranks[0]["contributors"], ranks[1]["contributors"])
+
+
+def _contributor_means(comm):
+    from pipeline.lowcomm.compress import ErrorFeedback as EF
+    from pipeline.lowcomm.diloco import DiLoCoStrategy
+
+    delta = torch.tensor([10.0, 3.0, 0.1, 0.2]) if comm.rank == 0 else torch.tensor([0.0, 2.0, 0.1, -8.0])
+    out = {}
+    for mean in ("workers", "contributors"):
+        cfg = dist_cfg("diloco", compression={"kind": "none", "topk_fraction": 0.5, "mean_over": mean,
+                                              "error_feedback": False})
+        s = DiLoCoStrategy(comm, cfg)
+        out[mean] = s._compressed_mean(EF(4, False), delta)
+    return out

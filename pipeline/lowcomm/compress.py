@@ -247,14 +247,20 @@ def message_nbytes(numel: int, kind: str, block_size: int = 64, topk_fraction: f
 class ErrorFeedback:
     """Keeps the residual of the last compression and adds it to the next input."""
 
-    def __init__(self, numel: int, enabled: bool = True):
+    def __init__(self, numel: int, enabled: bool = True, decay: float = 1.0):
         self.enabled = enabled
+        self.decay = decay       # SparseLoCo: e <- decay * e + x before compressing (1.0: plain EF)
         self.residual = torch.zeros(numel, dtype=torch.float32)
 
     def compress(self, x: torch.Tensor, kind: str, block_size: int, topk_fraction: float | None,
                  topk_chunk: int | None = None) -> tuple[Packed, torch.Tensor]:
         """Returns (message, what the message decodes to)."""
-        target = x + self.residual if self.enabled else x
+        if not self.enabled:
+            target = x
+        elif self.decay == 1.0:
+            target = x + self.residual
+        else:
+            target = x + self.decay * self.residual
         packed = compress(target, kind, block_size, topk_fraction, topk_chunk)
         sent = decompress(packed, block_size)
         if self.enabled:

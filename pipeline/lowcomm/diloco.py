@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.comm import Comm
-from pipeline.lowcomm.compress import ErrorFeedback, decompress
+from pipeline.lowcomm.compress import ErrorFeedback, _global_positions, decompress
 from pipeline.lowcomm.strategy import DDPStrategy, Strategy
 
 
@@ -57,6 +57,11 @@ def _assign(params: list[torch.nn.Parameter], idx: list[int], flat: torch.Tensor
             p = params[i]
             p.copy_(flat[off:off + p.numel()].view_as(p).to(p.dtype))
             off += p.numel()
+
+
+def _kept_positions(msg) -> torch.Tensor:
+    """Positions a top-k message carries (global indices into the flat vector)."""
+    return _global_positions(msg.indices, msg.numel, msg.chunk, msg.per_chunk)
 
 
 class DiLoCoStrategy(Strategy):
@@ -98,7 +103,8 @@ class DiLoCoStrategy(Strategy):
                 g = _flat(self.params, idx)
                 self.state["fragments"].append({
                     "global": g.clone(), "momentum": torch.zeros_like(g),
-                    "ef": ErrorFeedback(g.numel(), self.c.error_feedback)})
+                    "ef": ErrorFeedback(g.numel(), self.c.error_feedback,
+                                        self.c.error_feedback_decay)})
         else:
             # resumed: the replica starts from the last agreed global parameters
             for f, idx in enumerate(self.groups):
@@ -155,6 +161,7 @@ class DiLoCoStrategy(Strategy):
         gathered = [[g.view(t.dtype) for g in self.comm.all_gather(t.view(torch.uint8), tag="pseudo_grad", part=name)]
                     for name, t in packed.parts()]
         total = torch.zeros_like(delta)
+        contributors = torch.zeros_like(delta) if self.c.mean_over == "contributors" else None
         for w in range(self.comm.world_size):
             parts = iter(g[w] for g in gathered)
             msg = type(packed)(packed.kind, packed.numel, next(parts),
@@ -162,6 +169,11 @@ class DiLoCoStrategy(Strategy):
                                next(parts) if packed.indices is not None else None,
                                packed.chunk, packed.per_chunk)
             total += decompress(msg, self.c.block_size)
+            if contributors is not None:
+                # SparseLoCo: an entry's mean is over the workers whose top-k kept it
+                contributors[_kept_positions(msg)] += 1
+        if contributors is not None:
+            return total / contributors.clamp_(min=1)
         return total / self.comm.world_size
 
     def _outer_step(self, fr: dict, delta: torch.Tensor) -> None:
@@ -191,7 +203,7 @@ class DiLoCoStrategy(Strategy):
             return
         frs = []
         for fr in state["fragments"]:
-            ef = ErrorFeedback(fr["global"].numel(), self.c.error_feedback)
+            ef = ErrorFeedback(fr["global"].numel(), self.c.error_feedback, self.c.error_feedback_decay)
             ef.residual = fr["residual"].clone()
             frs.append({"global": fr["global"].clone(), "momentum": fr["momentum"].clone(), "ef": ef})
         self.state = {"syncs": state["syncs"], "fragments": frs}
