@@ -185,7 +185,7 @@ def plan(comm, args) -> list[dict]:
 
 # options of a --parity-runs spec, appended with "+": numbers as key=value, switches bare
 SPEC_NUMBERS = {"lr": float, "olr": float, "mom": float, "b": int, "F": int, "ef": float, "warm": int}
-SPEC_SWITCHES = {"cmean", "nonest", "noef", "w1"}
+SPEC_SWITCHES = {"cmean", "nonest", "noef", "w1", "rows"}
 
 
 def parse_run(spec: str, olr: float, mom: float) -> tuple[str, dict]:
@@ -252,10 +252,54 @@ def parse_run(spec: str, olr: float, mom: float) -> tuple[str, dict]:
         label += f" outer {o_lr:g}/{o_mom:g}{' hb' if 'nonest' in switches else ''}"
     if "lr" in bench:
         label += f" inner lr {bench['lr']:g}"
+    if "rows" in switches:
+        if kind != "none" or topk:
+            raise ValueError(f"--parity-runs {spec!r}: rows (the row-aware embedding mean) is fp32 only")
+        bench["row_mean"] = True
+        label += " embed rows / workers that saw them"
     if "w1" in switches:
         bench["one_worker"] = True
         label = f"1-worker {label}"
     return label, ({**d, "bench": bench} if bench else d)
+
+
+def row_mean_diloco(comm, cfg, model):
+    """Diagnostic for one suspected cause: an input-embedding row whose token only one worker saw
+    during the phase moves on that worker alone, and the mean over workers halves its update. This
+    DiLoCo (fp32 only) averages each input-embedding row over the workers whose rows held that token
+    in the phase (counts all-reduced at each sync, their bytes counted), every other entry over all."""
+    from pipeline.lowcomm.diloco import DiLoCoStrategy, _flat
+
+    emb = model.get_input_embeddings().weight
+
+    class RowMeanDiLoCo(DiLoCoStrategy):
+        def setup(self, m):
+            super().setup(m)
+            self.seen = torch.zeros(emb.shape[0])
+            i = next(k for k, p in enumerate(self.params) if p is emb)
+            self.emb_at = next((f, sum(self.params[j].numel() for j in idx[:idx.index(i)]))
+                               for f, idx in enumerate(self.groups) if i in idx)
+
+        def shard(self, batch):
+            rows = super().shard(batch)
+            self.seen[torch.as_tensor(np.unique(rows))] = 1.0
+            return rows
+
+        def outer_sync(self, f):
+            fr, idx = self.state["fragments"][f], self.groups[f]
+            total = self.comm.all_reduce(fr["global"] - _flat(self.params, idx), tag="pseudo_grad")
+            avg = total / self.comm.world_size
+            if f == self.emb_at[0]:
+                count = self.comm.all_reduce(self.seen.clone(), tag="rows_seen")
+                off, (v, d) = self.emb_at[1], emb.shape
+                rows = total[off:off + v * d].view(v, d)
+                avg[off:off + v * d].view(v, d)[count > 0] = rows[count > 0] / count[count > 0, None]
+                self.seen.zero_()
+            self._outer_step(fr, avg)
+            from pipeline.lowcomm.diloco import _assign as assign
+            assign(self.params, idx, fr["global"])
+            self.state["syncs"] += 1
+    return RowMeanDiLoCo(comm, cfg)
 
 
 def parity_plan(comm, args) -> list[dict]:
@@ -285,6 +329,9 @@ def parity_plan(comm, args) -> list[dict]:
             label, settings = parse_run(spec, args.outer_lr, args.outer_momentum)
             if (seed, json.dumps(settings, sort_keys=True)) in done:   # --resume: finished earlier
                 continue
+            if args.diagnostic_seeds and is_diagnostic(settings) and \
+                    seed not in {int(x) for x in args.diagnostic_seeds.split(",")}:
+                continue
             bench = settings.get("bench", {})
             dist = {k: v for k, v in settings.items() if k != "bench"}
             model = build_model(vocab, seed, args.hidden, args.layers)
@@ -298,6 +345,8 @@ def parity_plan(comm, args) -> list[dict]:
                 if bench.get("one_worker") and solo is not None:
                     strategy = DiLoCoStrategy(comm.scoped(solo[comm.rank], "solo"), cfg)
                     strategy.shard = Strategy(comm).shard      # still only this worker's rows
+                elif bench.get("row_mean"):
+                    strategy = row_mean_diloco(comm, cfg, model)
                 else:
                     strategy = make_strategy(cfg, comm)
             if mode == "diloco":
@@ -361,12 +410,24 @@ def finished_runs(args) -> list[dict]:
     if not path.exists():
         return []
     specs = ["ddp", *args.parity_runs.split(",")] if args.with_ddp else args.parity_runs.split(",")
-    wanted = {json.dumps(parse_run(s, args.outer_lr, args.outer_momentum)[1], sort_keys=True) for s in specs}
+    parsed = {s: parse_run(s, args.outer_lr, args.outer_momentum) for s in specs}
+    settings = [d for _, d in parsed.values()]
+    # a matched row takes this invocation's spec and label (the same settings may be spelt differently)
+    names = {json.dumps(d, sort_keys=True): (s, label) for s, (label, d) in parsed.items()}
+    # the lr a run uses (its +lr= or --lr) is part of what must match; older rows do not record it
+    wanted = {json.dumps(d, sort_keys=True): d.get("bench", {}).get("lr", args.lr) for d in settings}
     same = (lambda r: r.get("rows_per_worker") == args.rows_per_worker and
             (not args.rows_per_worker or (r["seq_len"], r["hidden"], r["eval_windows"]) ==
              (args.seq_len, args.hidden, args.eval_windows)))
-    return [r for r in map(json.loads, path.read_text().splitlines())
-            if json.dumps(r["settings"], sort_keys=True) in wanted and r["steps"] == args.steps and same(r)]
+    out = [r for r in map(json.loads, path.read_text().splitlines())
+           if json.dumps(r["settings"], sort_keys=True) in wanted and r["steps"] == args.steps and same(r)
+           and r.get("lr", wanted[json.dumps(r["settings"], sort_keys=True)]) ==
+           wanted[json.dumps(r["settings"], sort_keys=True)]]
+    last = {}
+    for r in out:       # a run appended twice (copied rows): the last one counts
+        r["spec"], r["label"] = names[json.dumps(r["settings"], sort_keys=True)]
+        last[(r["seed"], json.dumps(r["settings"], sort_keys=True))] = r
+    return list(last.values())
 
 
 def ddp_equivalent_step(base_curve: list[dict], val: float) -> float | None:
@@ -383,10 +444,11 @@ def ddp_equivalent_step(base_curve: list[dict], val: float) -> float | None:
     return None
 
 
-def is_diagnostic(r: dict) -> bool:
-    b = r["settings"].get("bench", {})
-    return bool(b.get("single") or b.get("one_worker")) or (
-        r["mode"] == "diloco" and r["settings"]["diloco"]["inner_steps"] == 1)
+def is_diagnostic(settings: dict) -> bool:
+    """One worker alone, 1-worker DiLoCo, the row-aware embedding mean, or DiLoCo at H=1."""
+    b = settings.get("bench", {})
+    return bool(b.get("single") or b.get("one_worker") or b.get("row_mean")) or (
+        settings["mode"] == "diloco" and settings["diloco"]["inner_steps"] == 1)
 
 
 def parity_outputs(out: Path, runs: list[dict], args) -> None:
@@ -447,7 +509,7 @@ def parity_outputs(out: Path, runs: list[dict], args) -> None:
         return (f"| {label} | {rs[0]['outer_steps']} | {bytes_} | {red} | "
                 f"{v.mean():.4f} ± {v.std():.4f} | {gap} | {per} | {m['eq']} |")
 
-    main_specs = [sp for sp in specs if not is_diagnostic(next(r for r in runs if r["spec"] == sp))]
+    main_specs = [sp for sp in specs if not is_diagnostic(next(r for r in runs if r["spec"] == sp)["settings"])]
     diag_specs = [sp for sp in specs if sp not in main_specs]
     lines += [line(sp) for sp in main_specs]
     if diag_specs:
@@ -490,7 +552,16 @@ def parity_outputs(out: Path, runs: list[dict], args) -> None:
 
 # --preset NAME: the defaults of one documented benchmark (explicit flags still override them)
 PRESETS = {
-    "tuned": {"_doc": "issue #27's fair, tuned parity run (filled in below)"},
+    "tuned": {
+        "_doc": "the fair, tuned parity benchmark of the README (issue #27): 16 rows x 64 tokens per worker "
+                "step, 1,000 steps, the ddp lr and DiLoCo's inner lr and outer optimizer swept beforehand at "
+                "seed 0 (README), evaluations at multiples of every H, 3 seeds",
+        "steps": 1000, "eval_every": 200, "seq_len": 64, "rows_per_worker": 16, "hidden": 64,
+        "eval_windows": 64, "lr": 0.002, "outer_lr": 1.5, "outer_momentum": 0.0, "with_ddp": False,
+        "strict_eval": True, "diagnostic_seeds": "0", "name": "comm_parity_tuned", "out": "bench/results",
+        "parity_runs": "ddp+lr=0.004,40:none,40:sign+b=256,100:sign+b=1024,40:sign+b=256+F=2,"
+                       "single,1:none,1:none+olr=1.0,40:sign+b=256+w1,40:none+rows",
+    },
 }
 
 
@@ -538,6 +609,8 @@ def main() -> None:
     g.add_argument("--eval-windows", type=int, default=16, help="held-out windows per source")
     g.add_argument("--no-ddp", dest="with_ddp", action="store_false",
                    help="do not add the plain 'ddp' run (when --parity-runs lists its own ddp+lr=... runs)")
+    g.add_argument("--diagnostic-seeds", default="",
+                   help="run the diagnostic specs (single, +w1, +rows, H=1) only for these seeds (default: all)")
     g.add_argument("--strict-eval", action="store_true",
                    help="refuse DiLoCo runs whose H does not divide --eval-every")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
