@@ -460,6 +460,8 @@ def parity_outputs(out: Path, runs: list[dict], args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = args.name
     ddp_specs = list(dict.fromkeys(r["spec"] for r in runs if r["mode"] == "ddp"))
+    if not ddp_specs:
+        raise SystemExit(f"{runs_path(args)}: no finished ddp run with these settings: nothing to compare with")
     seeds_of = {sp: {r["seed"] for r in runs if r["spec"] == sp} for sp in ddp_specs}
     base_spec = min(ddp_specs, key=lambda sp: (-len(seeds_of[sp]), np.mean(
         [r["val_loss"] for r in runs if r["spec"] == sp])))
