@@ -37,7 +37,7 @@ from pipeline.core.order import PublishedOrder
 from pipeline.core.paths import OUT as STAGE_OUT, final_dir
 from pipeline.core.provenance import provenance
 from pipeline.core.integrity import confine, seal, verify_model_dir
-from pipeline.core.schedule import lambda_lr, lr_factor
+from pipeline.core.schedule import lr_factor
 from pipeline.ingest import read_documents
 from pipeline.sources import arithmetic, decode_text, hub_or_local
 from pipeline.tokenize import split_documents
@@ -303,7 +303,7 @@ def sft(model, tok, examples: list[Example], cfg, seed: int, on_step=None) -> li
     `on_step(n, model)` after each update n (1-based)."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = lambda_lr(opt, lambda step: lr_factor(step, cfg.steps, cfg.warmup_steps))   # cosine to 0 after warm-up
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg.steps, cfg.warmup_steps))   # cosine to 0 after warm-up
     model.train()
     losses = []
     for idx in tqdm(_batches(len(examples), cfg.batch_size, cfg.steps, f"{seed}-sft-order"),

@@ -30,10 +30,3 @@ def lr_factor(step: int, total: int, warmup_steps: int = 0, schedule: str = "cos
 def pretrain_lr_factor(step: int, cfg, total: int) -> float:
     """lr_factor with a PretrainCfg's warmup_steps, schedule, min_lr_ratio and decay_fraction."""
     return lr_factor(step, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction)
-
-
-def lambda_lr(optimizer, factor):
-    """A torch LambdaLR over `factor(step)`."""
-    import torch
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -434,9 +434,9 @@ class TorchftEngine(PlainEngine):
 
     @property
     def writer(self) -> bool:
-        if self.rounds is None or not self.rounds.log:
-            return self.entry["rank"] == 0 if self.entry else (self.replica_id == 0 and not self.joining)
-        return self.comm.rank == 0
+        if self.entry is None and not (self.rounds and self.rounds.log):   # before the first round
+            return self.replica_id == 0 and not self.joining
+        return self.comm.rank == 0   # the participating rank of the current (or last) round
 
     def metrics(self) -> dict:
         log = self.rounds.log if self.rounds else []

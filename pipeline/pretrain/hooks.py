@@ -89,10 +89,10 @@ def evaluate(model, windows: dict[str, torch.Tensor], ctx: Context, batch: int =
 def evaluate_now(run) -> dict | None:
     """The held-out losses, on the writer (None elsewhere); every rank joins a collective forward."""
     engine = run.engine
-    if engine.collective_forward:
-        val = evaluate(engine.forward_module, run.windows, run.ctx)
-        return val if engine.writer else None
-    return evaluate(engine.forward_module, run.windows, run.ctx) if engine.writer else None
+    if not (engine.collective_forward or engine.writer):
+        return None
+    val = evaluate(engine.forward_module, run.windows, run.ctx)
+    return val if engine.writer else None
 
 
 class HistoryHook(BaseHook):
