@@ -23,10 +23,11 @@ Writes artifacts/bench/comm.json ({"runs": [...]}), comm.md (table) and comm.png
 
     python bench/comm.py --parity --preset tuned     (issue #27: the fair, tuned parity benchmark)
 
-runs the long-horizon parity mode with the settings the README documents (16 rows x 64 tokens per
-worker step, the ddp lr and DiLoCo's inner lr / outer optimizer as swept at seed 0, evaluations at
-multiples of every H, 3 seeds, the diagnostics at seed 0) and writes
-bench/results/comm_parity_tuned.{runs.jsonl,json,md,png}.
+runs the long-horizon parity mode with the settings the README documents (32 rows x 64 tokens per
+worker step over the tiny recipe's blend at twice its tokens, built by the blend stage's code under
+artifacts/bench/blend-1310720; the ddp lr and DiLoCo's inner lr / outer optimizer as swept at seed 0,
+evaluations at multiples of every H, 3 seeds, the diagnostics at seed 0) and writes
+bench/results/comm_parity_tuned.{runs.jsonl,json,md,png}. ~40 min on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -318,7 +319,7 @@ def parity_plan(comm, args) -> list[dict]:
     from pipeline.lowcomm.strategy import Strategy
 
     torch.set_num_threads(max(1, args.threads))
-    order = PublishedOrder(args.blend, args.tokenize, verify=True)
+    order = PublishedOrder(args.blend, args.tokenize, verify=True)   # built by main() for --blend-tokens
     if args.rows_per_worker:
         batch_of, distinct = row_batches(order, args.seq_len, args.rows_per_worker * comm.world_size)
     else:
@@ -396,6 +397,8 @@ def parity_plan(comm, args) -> list[dict]:
             if args.rows_per_worker:   # rows absent: the published batch split (older runs)
                 row.update(rows_per_worker=args.rows_per_worker, seq_len=args.seq_len, hidden=args.hidden,
                            eval_windows=args.eval_windows)
+            if args.blend_tokens:      # absent: the published tiny order as it is
+                row["blend_tokens"] = args.blend_tokens
             if comm.rank == 0:
                 print(f"seed {seed} {label:60s} bytes/worker {row['bytes_per_worker']:>14,d}  "
                       f"val {row['val_loss']:.4f}  {row['wall_s']:.0f}s", flush=True)
@@ -405,6 +408,30 @@ def parity_plan(comm, args) -> list[dict]:
                     fh.write(json.dumps(row) + "\n")
             out.append(row)
     return out
+
+
+def larger_blend(args) -> str:
+    """--blend-tokens N: the published order of the tiny recipe with `blend.tokens: N`, written by the
+    blend stage's own code (same sources, shares and seed) under artifacts/bench/blend-N. An existing
+    one is reused after its hashes are checked (PublishedOrder verifies it); returns its folder."""
+    from pipeline import blend
+    from pipeline.core.config import load_recipe
+
+    out = Path("artifacts/bench") / f"blend-{args.blend_tokens}"
+    recipe = load_recipe(args.blend_recipe, {"blend": {"tokens": args.blend_tokens}})
+    if not (out / "blend.json").is_file():
+        report = blend.run(recipe, Path(args.tokenize), out)
+        print(blend.mixture_table(report), flush=True)
+    meta = json.loads((out / "blend.json").read_text())
+    want = {"seed": recipe.blend_seed, "seq_len": recipe.blend.seq_len,
+            "tokens": args.blend_tokens // (recipe.blend.global_batch_size * recipe.blend.seq_len)
+            * recipe.blend.global_batch_size * recipe.blend.seq_len}
+    for key, value in want.items():
+        if meta.get(key) != value:
+            raise SystemExit(f"{out / 'blend.json'}: {key} is {meta.get(key)!r}, not {value!r} as "
+                             f"{args.blend_recipe} with blend.tokens {args.blend_tokens} gives; remove the folder "
+                             "to rebuild it")
+    return str(out)
 
 
 def runs_path(args) -> Path:
@@ -424,6 +451,7 @@ def finished_runs(args) -> list[dict]:
     # the lr a run uses (its +lr= or --lr) is part of what must match; older rows do not record it
     wanted = {json.dumps(d, sort_keys=True): d.get("bench", {}).get("lr", args.lr) for d in settings}
     same = (lambda r: r.get("rows_per_worker", 0) == args.rows_per_worker and
+            r.get("blend_tokens", 0) == args.blend_tokens and
             (not args.rows_per_worker or (r["seq_len"], r["hidden"], r["eval_windows"]) ==
              (args.seq_len, args.hidden, args.eval_windows)))
     out = [r for r in map(json.loads, path.read_text().splitlines())
@@ -492,7 +520,8 @@ def parity_outputs(out: Path, runs: list[dict], args) -> None:
             if args.rows_per_worker else f"the published batch split, seq {args.seq_len}")
     lines = [f"{args.workers} workers, {args.steps} steps (cosine, warm-up), {rows}, "
              f"{n_params:,}-parameter Llama ({args.hidden} wide, {args.layers} layers), seeds {seeds}, "
-             f"{r0['distinct_batches']:,} distinct batches; ddp baseline lr {base[seeds[0]].get('lr', args.lr):g}; "
+             f"{r0['distinct_batches']:,} distinct batches"
+             f"{f' of a {args.blend_tokens:,}-token order' if args.blend_tokens else ''}; ddp baseline lr {base[seeds[0]].get('lr', args.lr):g}; "
              f"DiLoCo outer {args.outer_lr}/{args.outer_momentum} and inner lr {args.lr:g} unless the row says\n",
              "| run | outer steps | bytes / worker | fewer bytes than ddp | held-out loss (mean ± sd) "
              "| gap % (mean, min..max) | gap % per seed | ddp reaches it at step |",
@@ -563,14 +592,15 @@ def parity_outputs(out: Path, runs: list[dict], args) -> None:
 # --preset NAME: the defaults of one documented benchmark (explicit flags still override them)
 PRESETS = {
     "tuned": {
-        "_doc": "the fair, tuned parity benchmark of the README (issue #27): 16 rows x 64 tokens per worker "
-                "step, 1,000 steps, the ddp lr and DiLoCo's inner lr and outer optimizer swept beforehand at "
-                "seed 0 (README), evaluations at multiples of every H, 3 seeds",
-        "steps": 1000, "eval_every": 200, "seq_len": 64, "rows_per_worker": 16, "hidden": 64,
-        "eval_windows": 64, "lr": 0.002, "outer_lr": 1.5, "outer_momentum": 0.0, "with_ddp": False,
-        "strict_eval": True, "diagnostic_seeds": "0", "name": "comm_parity_tuned", "out": "bench/results",
-        "parity_runs": "ddp+lr=0.004,40:none,40:sign+b=256,100:sign+b=1024,40:sign+b=256+F=2,"
-                       "single,1:none,1:none+olr=1.0,40:sign+b=256+w1,40:none+rows",
+        "_doc": "the fair, tuned parity benchmark of the README (issue #27): 32 rows x 64 tokens per worker "
+                "step, 1,000 steps over a 1,310,720-token published order (the tiny recipe's blend at twice "
+                "its tokens, read 3.1 times), the ddp lr and DiLoCo's inner lr and outer optimizer swept "
+                "beforehand at seed 0 (README), evaluations at multiples of every H, 3 seeds",
+        "steps": 1000, "eval_every": 200, "seq_len": 64, "rows_per_worker": 32, "hidden": 64,
+        "eval_windows": 64, "blend_tokens": 1310720, "lr": 0.004, "outer_lr": 1.25, "outer_momentum": 0.0,
+        "with_ddp": False, "strict_eval": True, "diagnostic_seeds": "0", "name": "comm_parity_tuned",
+        "out": "bench/results",
+        "parity_runs": "ddp+lr=0.008,40:sign+b=256,100:sign+b=1024,40:none,single,1:none,40:sign+b=256+w1",
     },
 }
 
@@ -617,6 +647,10 @@ def main() -> None:
                    help="rows of --seq-len tokens per worker step (0: the published batch split over the "
                         "workers, as before); batches then run over the window stream --rows-per-worker at a time")
     g.add_argument("--eval-windows", type=int, default=16, help="held-out windows per source")
+    g.add_argument("--blend-tokens", type=int, default=0,
+                   help="train on a larger published order: the blend stage run on --blend-recipe with "
+                        "blend.tokens N, written to artifacts/bench/blend-N (0: --blend as it is)")
+    g.add_argument("--blend-recipe", default="recipes/tiny.yaml")
     g.add_argument("--no-ddp", dest="with_ddp", action="store_false",
                    help="do not add the plain 'ddp' run (when --parity-runs lists its own ddp+lr=... runs)")
     g.add_argument("--diagnostic-seeds", default="",
@@ -635,6 +669,8 @@ def main() -> None:
         parity_outputs(Path(args.out), [r for r in finished_runs(args) if r["seed"] in wanted], args)
         return
     if args.parity:
+        if args.blend_tokens:
+            args.blend = larger_blend(args)
         if not args.resume:
             runs_path(args).unlink(missing_ok=True)
         runs = finished_runs(args) if args.resume else []
