@@ -27,7 +27,7 @@ runs the long-horizon parity mode with the settings the README documents (32 row
 worker step over the tiny recipe's blend at twice its tokens, built by the blend stage's code under
 artifacts/bench/blend-1310720; the ddp lr and DiLoCo's inner lr / outer optimizer as swept at seed 0,
 evaluations at multiples of every H, 3 seeds, the diagnostics at seed 0) and writes
-bench/results/comm_parity_tuned.{runs.jsonl,json,md,png}. ~40 min on 2 idle cores.
+bench/results/comm_parity_tuned.{runs.jsonl,json,md,png}. ~43 min on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -600,7 +600,8 @@ PRESETS = {
         "eval_windows": 64, "blend_tokens": 1310720, "lr": 0.004, "outer_lr": 1.25, "outer_momentum": 0.0,
         "with_ddp": False, "strict_eval": True, "diagnostic_seeds": "0", "name": "comm_parity_tuned",
         "out": "bench/results",
-        "parity_runs": "ddp+lr=0.008,40:sign+b=256,100:sign+b=1024,40:none,single,1:none,40:sign+b=256+w1",
+        "parity_runs": "ddp+lr=0.008,40:sign+b=256,100:sign+b=1024,40:none,single,1:none,1:none+lr=0.008+olr=1.0,"
+                       "40:sign+b=256+w1",
     },
 }
 
