@@ -304,8 +304,7 @@ def row_mean_diloco(comm, cfg, model):
                 avg[off:off + v * d].view(v, d)[count > 0] = rows[count > 0] / count[count > 0, None]
                 self.seen.zero_()
             self._outer_step(fr, avg)
-            from pipeline.lowcomm.diloco import _assign as assign
-            assign(self.params, idx, fr["global"])
+            _assign(self.params, idx, fr["global"])
             self.state["syncs"] += 1
     return RowMeanDiLoCo(comm, cfg)
 
@@ -332,13 +331,13 @@ def parity_plan(comm, args) -> list[dict]:
             if any("+w1" in s for s in specs) and comm.world_size > 1 else None)
     out = []
     done = {(r["seed"], json.dumps(r["settings"], sort_keys=True)) for r in finished_runs(args)}
+    diag_seeds = {int(x) for x in args.diagnostic_seeds.split(",")} if args.diagnostic_seeds else None
     for seed in map(int, args.seeds.split(",")):
         for spec in specs:
             label, settings = parse_run(spec, args.outer_lr, args.outer_momentum)
             if (seed, json.dumps(settings, sort_keys=True)) in done:   # --resume: finished earlier
                 continue
-            if args.diagnostic_seeds and is_diagnostic(settings) and \
-                    seed not in {int(x) for x in args.diagnostic_seeds.split(",")}:
+            if diag_seeds is not None and is_diagnostic(settings) and seed not in diag_seeds:
                 continue
             bench = settings.get("bench", {})
             dist = {k: v for k, v in settings.items() if k != "bench"}
@@ -413,24 +412,22 @@ def parity_plan(comm, args) -> list[dict]:
 def larger_blend(args) -> str:
     """--blend-tokens N: the published order of the tiny recipe with `blend.tokens: N`, written by the
     blend stage's own code (same sources, shares and seed) under artifacts/bench/blend-N. An existing
-    one is reused after its hashes are checked (PublishedOrder verifies it); returns its folder."""
+    one is reused when the recipe-keys hash its blend.json records is this recipe's (PublishedOrder
+    then checks its file hashes); returns its folder."""
     from pipeline import blend
-    from pipeline.core.config import load_recipe
+    from pipeline.core.config import config_sha256, load_recipe
+    from pipeline.core.io import read_json
+    from pipeline.core.provenance import STAGE_KEYS
 
     out = Path("artifacts/bench") / f"blend-{args.blend_tokens}"
     recipe = load_recipe(args.blend_recipe, {"blend": {"tokens": args.blend_tokens}})
     if not (out / "blend.json").is_file():
         report = blend.run(recipe, Path(args.tokenize), out)
         print(blend.mixture_table(report), flush=True)
-    meta = json.loads((out / "blend.json").read_text())
-    want = {"seed": recipe.blend_seed, "seq_len": recipe.blend.seq_len,
-            "tokens": args.blend_tokens // (recipe.blend.global_batch_size * recipe.blend.seq_len)
-            * recipe.blend.global_batch_size * recipe.blend.seq_len}
-    for key, value in want.items():
-        if meta.get(key) != value:
-            raise SystemExit(f"{out / 'blend.json'}: {key} is {meta.get(key)!r}, not {value!r} as "
-                             f"{args.blend_recipe} with blend.tokens {args.blend_tokens} gives; remove the folder "
-                             "to rebuild it")
+    want = config_sha256(recipe, STAGE_KEYS["blend"])
+    if read_json(out / "blend.json").get("config_sha256") != want:
+        raise SystemExit(f"{out / 'blend.json'}: config_sha256 is not that of {args.blend_recipe} with "
+                         f"blend.tokens {args.blend_tokens}; remove the folder to rebuild it")
     return str(out)
 
 
@@ -454,14 +451,12 @@ def finished_runs(args) -> list[dict]:
             r.get("blend_tokens", 0) == args.blend_tokens and
             (not args.rows_per_worker or (r["seq_len"], r["hidden"], r["eval_windows"]) ==
              (args.seq_len, args.hidden, args.eval_windows)))
-    out = [r for r in map(json.loads, path.read_text().splitlines())
-           if json.dumps(r["settings"], sort_keys=True) in wanted and r["steps"] == args.steps and same(r)
-           and r.get("lr", wanted[json.dumps(r["settings"], sort_keys=True)]) ==
-           wanted[json.dumps(r["settings"], sort_keys=True)]]
     last = {}
-    for r in out:       # a run appended twice (copied rows): the last one counts
-        r["spec"], r["label"] = names[json.dumps(r["settings"], sort_keys=True)]
-        last[(r["seed"], json.dumps(r["settings"], sort_keys=True))] = r
+    for r in map(json.loads, path.read_text().splitlines()):
+        key = json.dumps(r["settings"], sort_keys=True)
+        if key in wanted and r["steps"] == args.steps and same(r) and r.get("lr", wanted[key]) == wanted[key]:
+            r["spec"], r["label"] = names[key]
+            last[(r["seed"], key)] = r      # a run appended twice (copied rows): the last one counts
     return list(last.values())
 
 
